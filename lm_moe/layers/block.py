@@ -1,0 +1,50 @@
+"""Pre-norm transformer block: causal self-attention, then any FFN layer with the MoE layer contract.
+
+Incremental decoding protocol for FFN layers: a layer that mixes tokens causally (and so carries
+per-sequence state) has `decode(x, state) -> (y, new_state)`, state None at the start; the block
+calls it on the new tokens and keeps the state in its `BlockCache`. A layer without `decode` is
+per token and is simply called on the new tokens.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lm_moe.layers.attention import CausalSelfAttention, KVCache
+from lm_moe.layers.layer_output import LayerAux
+
+
+@dataclass
+class BlockCache:
+    """What one block remembers between decoding calls."""
+
+    kv: KVCache
+    ffn_state: Any = None  # whatever the FFN's decode() returned last; None for per-token FFNs
+
+
+def run_ffn(ffn: nn.Module, x: torch.Tensor, cache: BlockCache | None) -> tuple[torch.Tensor, LayerAux]:
+    """The FFN on x [B, T, D]; when decoding, through its decode() if it has one (updating cache.ffn_state)."""
+    decode = getattr(ffn, "decode", None)
+    if cache is None or not callable(decode):
+        return ffn(x)
+    y, cache.ffn_state = decode(x, cache.ffn_state)
+    return y, LayerAux.empty(x)  # decode() reports no loss or stats: decoding is not training
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, n_head: int, ffn: nn.Module, dropout: float = 0.0, rotary: bool = False):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = CausalSelfAttention(dim, n_head, dropout=dropout, rotary=rotary)
+        self.ln2 = nn.LayerNorm(dim)
+        self.ffn = ffn
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, cache: BlockCache | None = None) -> tuple[torch.Tensor, LayerAux]:
+        """x [B, T, D] -> (x [B, T, D], the FFN's aux); with a cache, x holds only the new tokens."""
+        x = x + self.drop(self.attn(self.ln1(x), None if cache is None else cache.kv))  # [B, T, D]
+        y, aux = run_ffn(self.ffn, self.ln2(x), cache)  # [B, T, D]
+        x = x + self.drop(y)  # [B, T, D]
+        return x, aux

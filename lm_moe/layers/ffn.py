@@ -1,0 +1,110 @@
+"""Two-layer feed-forward networks: the stacked weights of E experts, and the dense FFN (E = 1).
+
+Experts live in two stacked tensors, never in a list of modules, so that all experts run in one
+batched or grouped matmul and every expert always receives a gradient.
+
+    w_in  [E, D, H]   (gelu)   or  [E, D, 2H]  (swiglu: gate and up projections side by side)
+    w_out [E, H, D]
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lm_moe.layers.checks import require_choice, require_positive_int
+from lm_moe.layers.layer_output import LayerAux
+
+ACTIVATIONS = ("gelu", "swiglu")
+
+# Dtypes the grouped-matmul kernel accepts; anything else (float64 in tests) runs one matmul per expert.
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on `x` run in: the autocast dtype inside an autocast region, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _grouped_mm_usable(x: torch.Tensor) -> bool:
+    if not hasattr(F, "grouped_mm") or x.dtype not in _GROUPED_MM_DTYPES:
+        return False
+    if x.device.type == "cuda":  # the CUDA kernel needs bf16 on compute capability >= 8.0
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return x.device.type == "cpu"
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient: the grouped-matmul backward
+    rejects expanded (stride 0) gradients, such as the one `y.sum().backward()` sends."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+class ExpertWeights(nn.Module):
+    """E independent two-layer FFN experts `w_out(act(w_in x))` held as stacked weight tensors."""
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "gelu"):
+        super().__init__()
+        self.num_experts = require_positive_int("num_experts", num_experts)
+        self.dim = require_positive_int("dim", dim)
+        self.hidden_dim = require_positive_int("hidden_dim", hidden_dim)
+        require_choice("activation", activation, ACTIVATIONS)
+        self.activation = activation
+        in_width = 2 * hidden_dim if activation == "swiglu" else hidden_dim
+        self.w_in = nn.Parameter(torch.empty(num_experts, dim, in_width))
+        self.w_out = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # The bounds nn.Linear uses: uniform in +-1/sqrt(fan_in).
+        nn.init.uniform_(self.w_in, -1 / math.sqrt(self.dim), 1 / math.sqrt(self.dim))
+        nn.init.uniform_(self.w_out, -1 / math.sqrt(self.hidden_dim), 1 / math.sqrt(self.hidden_dim))
+
+    def _activate(self, h: torch.Tensor) -> torch.Tensor:
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return F.gelu(h)
+
+    def forward_batched(self, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on its own rows: x [E, n, D] -> [E, n, D]."""
+        h = self._activate(torch.bmm(x, self.w_in))  # [E, n, H]
+        return torch.bmm(h, self.w_out)  # [E, n, D]
+
+    def forward_grouped(self, x: torch.Tensor, rows_per_expert: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by expert, `rows_per_expert[e]` of them for expert e: x [M, D] -> [M, D]."""
+        dtype = compute_dtype(x)
+        x = x.to(dtype)
+        if _grouped_mm_usable(x):
+            offsets = rows_per_expert.cumsum(0).to(torch.int32)  # [E], end of each expert's rows
+            h = self._activate(F.grouped_mm(x, self.w_in.to(dtype), offs=offsets))  # [M, H]
+            return _ContiguousGrad.apply(F.grouped_mm(h, self.w_out.to(dtype), offs=offsets))  # [M, D]
+        pieces = x.split(rows_per_expert.tolist())
+        outputs = [
+            self._activate(piece @ self.w_in[e].to(dtype)) @ self.w_out[e].to(dtype)
+            for e, piece in enumerate(pieces)
+        ]
+        return torch.cat(outputs)  # [M, D]
+
+
+class DenseFFN(nn.Module):
+    """The dense MLP baseline with the MoE layer contract: x [B, T, D] -> (y [B, T, D], LayerAux)."""
+
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu"):
+        super().__init__()
+        self.expert = ExpertWeights(1, dim, hidden_dim, activation)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
+        """`mask` [B, T] (True = real token) is accepted for interface parity; a dense FFN is per token."""
+        y = self.expert.forward_batched(x.reshape(1, -1, x.shape[-1]))  # [1, B*T, D]
+        return y.reshape(x.shape), LayerAux.empty(x)

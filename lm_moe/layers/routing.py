@@ -1,0 +1,124 @@
+"""Top-k routing: the router, its auxiliary losses, and the position-priority capacity rule.
+
+Notation: N tokens, E experts, k choices per token. Router math always runs in at least fp32
+(softmax and log-sum-exp in bf16 mis-rank experts and blow up the z-loss), also under autocast.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def routing_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for low-precision inputs, float64 kept as is (reference tests compare in float64)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def masked_mean(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Mean of `values` [N, ...] over the rows where `valid` [N] is True (all rows if None)."""
+    if valid is None:
+        return values.mean(0)
+    weights = valid.to(values.dtype).reshape(-1, *([1] * (values.dim() - 1)))  # [N, 1, ...]
+    return (values * weights).sum(0) / weights.sum().clamp_min(1)
+
+
+@dataclass
+class TopKRouting:
+    logits: torch.Tensor  # [N, E] router logits (fp32 or wider)
+    probs: torch.Tensor  # [N, E] softmax over experts
+    expert_index: torch.Tensor  # [N, k] chosen experts, best first
+    weight: torch.Tensor  # [N, k] combine weights of the chosen experts
+
+
+class TopKRouter(nn.Module):
+    """Linear router, softmax over experts, then the top k (Switch / ST-MoE / Mixtral style).
+
+    renormalize:  rescale the k chosen probabilities to sum to 1 (Mixtral); otherwise keep the
+                  raw softmax probabilities (Switch, ST-MoE).
+    jitter_noise: in training, multiply the router input by U(1 - eps, 1 + eps) (Switch).
+    """
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, renormalize: bool = True, jitter_noise: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.jitter_noise = jitter_noise
+        nn.init.normal_(self.weight, std=dim**-0.5)
+
+    def forward(self, x: torch.Tensor) -> TopKRouting:
+        """x [N, D] -> routing of each of the N tokens."""
+        dtype = routing_dtype(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.to(dtype)
+            if self.training and self.jitter_noise > 0:
+                x = x * torch.empty_like(x).uniform_(1 - self.jitter_noise, 1 + self.jitter_noise)
+            logits = F.linear(x, self.weight.to(dtype))  # [N, E]
+            probs = logits.softmax(dim=-1)  # [N, E]
+            weight, expert_index = probs.topk(self.top_k, dim=-1)  # [N, k], [N, k]
+            if self.renormalize:
+                weight = weight / weight.sum(dim=-1, keepdim=True)
+        return TopKRouting(logits=logits, probs=probs, expert_index=expert_index, weight=weight)
+
+
+def load_balancing_loss(routing: TopKRouting, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch Transformer loss `E * sum_e f_e * P_e`, with f_e the share of all N*k routing
+    choices that picked expert e and P_e the mean router probability of e.
+
+    Counting choices over N*k (not tokens over N) makes a perfectly balanced router score exactly 1
+    for every k. Choices are counted before any capacity drop, as in Switch.
+    """
+    num_experts = routing.probs.shape[-1]
+    choices = F.one_hot(routing.expert_index, num_experts).to(routing.probs.dtype)  # [N, k, E]
+    share_of_choices = masked_mean(choices.mean(dim=1), valid)  # [E], sums to 1
+    mean_prob = masked_mean(routing.probs, valid)  # [E]
+    return num_experts * (share_of_choices * mean_prob).sum()
+
+
+def router_z_loss(routing: TopKRouting, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2; keeps router logits small."""
+    return masked_mean(torch.logsumexp(routing.logits, dim=-1) ** 2, valid)
+
+
+def router_entropy(routing: TopKRouting, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean entropy (nats) of the router distribution over experts; ln(E) = uniform."""
+    entropy = -(routing.probs * torch.log(routing.probs.clamp_min(1e-30))).sum(dim=-1)  # [N]
+    return masked_mean(entropy, valid)
+
+
+def prefix_capacity(capacity_factor: float, top_k: int, num_experts: int, seq_len: int) -> torch.Tensor:
+    """How many choices each expert may have served by position t: [T] long,
+    ceil(capacity_factor * k * (t + 1) / E), the expert's fair share of the prefix 0..t.
+
+    A capacity that depends only on the prefix (never on the sequence length T) keeps the layer
+    prefix-consistent, so it gives the same outputs in training and in token-by-token decoding.
+    """
+    positions = torch.arange(1, seq_len + 1, dtype=torch.float64)  # [T]
+    return torch.ceil(capacity_factor * top_k * positions / num_experts).long()  # [T]
+
+
+def position_priority_keep(
+    expert_index: torch.Tensor, routed: torch.Tensor, capacity: torch.Tensor, num_experts: int
+) -> torch.Tensor:
+    """Which routing choices an expert serves when earlier positions go first.
+
+    expert_index [B, T, k], routed [B, T, k] (False = not routed at all, e.g. padding) and
+    capacity [T] (see `prefix_capacity`) -> keep [B, T, k]. Walking each sequence in position
+    order, an expert serves a choice at position t iff it has served fewer than capacity[t]
+    choices so far (one token never picks an expert twice). The decision at t depends only on
+    positions <= t of the same sequence: causal and independent of the batch. GShard's rule, all
+    first choices before any second choice, lets later tokens' first choices evict earlier
+    tokens' second choices: it leaks.
+    """
+    choices = F.one_hot(expert_index, num_experts) * routed.unsqueeze(-1)  # [B, T, k, E]
+    arrivals = choices.sum(dim=2)  # [B, T, E] 0/1: does position t ask for expert e
+    arrived = arrivals.cumsum(dim=1)  # [B, T, E]
+    # served(t) = min(served(t-1) + arrivals(t), capacity(t)) with capacity non-decreasing in t
+    # unrolls to served(t) = arrived(t) + min(0, min_{s<=t} capacity(s) - arrived(s)).
+    slack = capacity.to(arrived.device).view(1, -1, 1) - arrived  # [B, T, E]
+    served = arrived + slack.cummin(dim=1).values.clamp_max(0)  # [B, T, E]
+    served_before = F.pad(served[:, :-1], (0, 0, 1, 0))  # [B, T, E]
+    newly_served = (served - served_before).gather(-1, expert_index)  # [B, T, k] 0/1
+    return routed & newly_served.bool()

@@ -1,0 +1,108 @@
+"""Soft Mixture of Experts (Puigcerver et al., "From Sparse to Soft Mixtures of Experts", 2023).
+
+Notation: B batch, T tokens, D width, E experts, P slots per expert, S = E*P slots.
+
+    L[b, t, s]   = <normalize(x[b, t]), scale * normalize(phi[:, s])>    router logits
+    dispatch     = softmax of L over tokens t  (each slot is a convex mix of the tokens)
+    combine      = softmax of L over slots s   (each token is a convex mix of the slot outputs)
+    slot_in      = dispatch^T x                                          [B, S, D]
+    slot_out     = expert_{s // P}(slot_in[:, s])                        [B, S, D]
+    y            = combine slot_out                                      [B, T, D]
+
+Inputs and slot parameters are L2-normalised for the logits, with one learned scale (init 1),
+as in the official implementation; the un-normalised inputs are dispatched. No token is dropped,
+no balancing loss is needed, and the cost is that of S expert calls per sequence.
+
+Every slot pools the whole sequence, so this layer sees the future: it is for encoders (ViT).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lm_moe.layers.checks import require_positive_int
+from lm_moe.layers.ffn import ExpertWeights, compute_dtype
+from lm_moe.layers.layer_output import LayerAux
+from lm_moe.layers.routing import masked_mean, routing_dtype
+
+_NORM_EPS = 1e-6
+
+
+def soft_routing_logits(x: torch.Tensor, slot_embeddings: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [B, T, D], slot_embeddings [D, S], scale [] -> logits [B, T, S], in fp32 or wider.
+
+    Both sides are unit vectors, so |logit| <= |scale|: the causal variants rely on this bound.
+    """
+    dtype = routing_dtype(x)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x_unit = F.normalize(x.to(dtype), dim=-1, eps=_NORM_EPS)  # [B, T, D]
+        slots_unit = F.normalize(slot_embeddings.to(dtype), dim=0, eps=_NORM_EPS)  # [D, S]
+        return x_unit @ (scale.to(dtype) * slots_unit)  # [B, T, S]
+
+
+def entropy(probs: torch.Tensor, dim: int) -> torch.Tensor:
+    """Entropy in nats of the distributions along `dim`."""
+    return -(probs * torch.log(probs.clamp_min(1e-30))).sum(dim=dim)
+
+
+class SoftMoE(nn.Module):
+    """Soft MoE layer: x [B, T, D] -> (y [B, T, D], LayerAux with zero loss).
+
+    `mask` [B, T] (True = real token) keeps padding out of every slot; padded positions output 0.
+    aux.stats: dispatch_entropy (per slot, over tokens), combine_entropy (per token, over slots),
+    slot_usage [S] (mean combine weight of each slot) and slot_usage_spread (its coefficient of
+    variation: 0 = every slot used equally).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        num_experts: int,
+        slots_per_expert: int = 1,
+        activation: str = "gelu",
+    ):
+        super().__init__()
+        self.num_experts = require_positive_int("num_experts", num_experts)
+        self.slots_per_expert = require_positive_int("slots_per_expert", slots_per_expert)
+        self.num_slots = num_experts * slots_per_expert
+        self.experts = ExpertWeights(num_experts, dim, hidden_dim, activation)
+        self.slot_embeddings = nn.Parameter(torch.randn(dim, self.num_slots) * dim**-0.5)  # phi [D, S]
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
+        B, T, D = x.shape
+        E, P = self.num_experts, self.slots_per_expert
+        logits = soft_routing_logits(x, self.slot_embeddings, self.scale)  # [B, T, S]
+        if mask is not None:
+            # A large finite negative (not -inf) keeps fully padded rows free of NaN.
+            dispatch_logits = logits.masked_fill(~mask.unsqueeze(-1), torch.finfo(logits.dtype).min)
+            dispatch = dispatch_logits.softmax(dim=1) * mask.unsqueeze(-1)  # [B, T, S]
+        else:
+            dispatch = logits.softmax(dim=1)  # [B, T, S]
+        combine = logits.softmax(dim=2)  # [B, T, S]
+
+        dtype = compute_dtype(x)
+        slot_in = torch.einsum("bts,btd->bsd", dispatch.to(dtype), x.to(dtype))  # [B, S, D]
+        expert_in = slot_in.view(B, E, P, D).transpose(0, 1).reshape(E, B * P, D)  # [E, B*P, D]
+        expert_out = self.experts.forward_batched(expert_in)  # [E, B*P, D]
+        slot_out = expert_out.view(E, B, P, D).transpose(0, 1).reshape(B, E * P, D)  # [B, S, D]
+        if mask is not None:
+            combine = combine * mask.unsqueeze(-1)
+        y = torch.einsum("bts,bsd->btd", combine.to(slot_out.dtype), slot_out)  # [B, T, D]
+        aux = LayerAux.empty(x)
+        aux.stats = self._stats(dispatch, combine, mask)
+        return y, aux
+
+    @staticmethod
+    def _stats(dispatch: torch.Tensor, combine: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            valid = None if mask is None else mask.reshape(-1)  # [B*T]
+            per_token_combine = combine.reshape(-1, combine.shape[-1])  # [B*T, S]
+            slot_usage = masked_mean(per_token_combine, valid)  # [S], sums to 1
+            return {
+                "dispatch_entropy": entropy(dispatch, dim=1).mean().float(),
+                "combine_entropy": masked_mean(entropy(per_token_combine, dim=-1), valid).float(),
+                "slot_usage": slot_usage.float(),
+                "slot_usage_spread": (slot_usage.std(correction=0) / slot_usage.mean()).float(),
+            }

@@ -1,0 +1,1 @@
+"""LightningModules: the training systems around the plain models of `lm_moe.models`."""

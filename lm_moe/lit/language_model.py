@@ -1,0 +1,96 @@
+"""The language-model training system: next-token loss + MoE aux losses, AdamW, metrics, logging."""
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from lm_moe.lit.moe_metrics import moe_histograms, moe_scalars
+from lm_moe.lit.optim import build_adamw_with_schedule
+from lm_moe.models.gpt import GPT
+
+
+class LanguageModel(pl.LightningModule):
+    """Trains `GPT` on batches {"input_ids": [B, T], "targets": [B, T]}.
+
+    loss = cross-entropy (fp32) + the sum of the MoE layers' aux losses. `vocab_size` and
+    `block_size` come from the data module (the CLI links them); the model arguments are GPT's.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        block_size: int,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        **gpt_kwargs,
+    ):
+        """`gpt_kwargs` are GPT's arguments (n_layer, dim, ffn, moe_blocks, ...); the CLI shows them."""
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = GPT(vocab_size, block_size, **gpt_kwargs)
+        self.val_loss = torchmetrics.MeanMetric()
+        self.test_loss = torchmetrics.MeanMetric()
+
+    def forward(self, input_ids: torch.Tensor):
+        return self.model(input_ids)
+
+    def _loss(self, batch: dict[str, torch.Tensor]):
+        output = self.model(batch["input_ids"])
+        logits = output.logits.float()  # [B, T, V] cross-entropy in fp32 also under autocast
+        cross_entropy = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
+        return cross_entropy, output
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        cross_entropy, output = self._loss(batch)
+        loss = cross_entropy + output.aux_loss
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/cross_entropy", cross_entropy)
+        self.log("train/aux_loss", output.aux_loss)
+        self.log_dict(moe_scalars(output.layer_stats))
+        if self._is_logging_step():
+            self._log_histograms(output.layer_stats)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        cross_entropy, _ = self._loss(batch)
+        self.val_loss.update(cross_entropy, weight=batch["targets"].numel())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss), "hp_metric": loss}, prog_bar=True)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        cross_entropy, _ = self._loss(batch)
+        self.test_loss.update(cross_entropy, weight=batch["targets"].numel())
+
+    def on_test_epoch_end(self) -> None:
+        loss = self.test_loss.compute()
+        self.test_loss.reset()
+        self.log_dict({"test/loss": loss, "test/ppl": torch.exp(loss)})
+
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        return build_adamw_with_schedule(
+            self.model,
+            learning_rate=hp.learning_rate,
+            weight_decay=hp.weight_decay,
+            betas=tuple(hp.betas),
+            warmup_steps=hp.warmup_steps,
+            total_steps=int(self.trainer.estimated_stepping_batches),
+            min_lr_ratio=hp.min_lr_ratio,
+        )
+
+    def _is_logging_step(self) -> bool:
+        return self.trainer is not None and self.global_step % self.trainer.log_every_n_steps == 0
+
+    def _log_histograms(self, layer_stats: dict[str, dict[str, torch.Tensor]]) -> None:
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                for name, values in moe_histograms(layer_stats).items():
+                    logger.experiment.add_histogram(name, values, global_step=self.global_step)

@@ -1,0 +1,49 @@
+"""AdamW parameter groups and the warmup + cosine learning-rate schedule."""
+
+import math
+
+import torch
+from torch import nn
+
+
+def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and stacked expert weights only: not on norms, biases, scalar
+    scales or embeddings (decaying an embedding pulls rare tokens to zero)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if not parameter.requires_grad:
+            continue
+        if parameter.dim() >= 2 and id(parameter) not in embeddings:
+            decay.append(parameter)
+        else:
+            no_decay.append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1 over `warmup_steps`, then cosine down to `min_lr_ratio`
+    at `total_steps`, flat after."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_adamw_with_schedule(
+    model: nn.Module,
+    learning_rate: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_ratio: float,
+) -> dict:
+    """What `configure_optimizers` returns: AdamW and a per-step warmup + cosine schedule."""
+    # The fused kernel exists on CUDA only; elsewhere the default foreach path is the fast one.
+    fused = True if next(model.parameters()).is_cuda else None
+    optimizer = torch.optim.AdamW(adamw_param_groups(model, weight_decay), lr=learning_rate, betas=betas, fused=fused)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, min_lr_ratio)
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

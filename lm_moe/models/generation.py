@@ -1,0 +1,87 @@
+"""Autoregressive sampling with the model's KV cache: one prefill of the prompt, then one token per step."""
+
+import torch
+
+from lm_moe.layers.checks import require_non_negative_float, require_positive_int
+from lm_moe.models.gpt import GPT
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token id per row from logits [B, V] -> [B]. temperature 0 is greedy (top_k, top_p unused)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature  # [B, V]
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_largest = logits.topk(top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
+        sorted_probs = sorted_logits.softmax(dim=-1)  # [B, V]
+        # Drop a token once the more likely ones already hold top_p of the mass (the first always stays).
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [B, V]
+        drop_sorted = mass_before >= top_p  # [B, V]
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # [B, V], vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)  # [B, V]
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
+
+
+def generate(
+    model: GPT,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.LongTensor:
+    """Continue input_ids [B, T0] by up to max_new_tokens tokens -> [B, T0 + n], n <= max_new_tokens.
+
+    The whole result must fit in the context: T0 + max_new_tokens <= model.block_size. With eos_id,
+    a row that produced eos continues with eos, and generation stops once every row has produced it.
+    Runs in inference mode and eval mode; the model's train/eval state is restored afterwards.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must have shape [B, T0] with T0 >= 1, got {tuple(input_ids.shape)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    require_non_negative_float("temperature", temperature)
+    if top_k is not None:
+        require_positive_int("top_k", top_k)
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    B, T0 = input_ids.shape
+    if T0 + max_new_tokens > model.block_size:
+        raise ValueError(
+            f"prompt length {T0} + max_new_tokens {max_new_tokens} exceeds the model's block_size {model.block_size}"
+        )
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            if max_new_tokens == 0:
+                return input_ids.clone()
+            tokens = [input_ids]
+            cache = model.new_cache(B)
+            logits = model(input_ids, cache=cache).logits[:, -1]  # [B, V]
+            finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)  # [B]
+            for step in range(max_new_tokens):
+                next_ids = sample_next(logits, temperature, top_k, top_p, generator)  # [B]
+                if eos_id is not None:
+                    next_ids = next_ids.masked_fill(finished, eos_id)
+                    finished |= next_ids == eos_id
+                tokens.append(next_ids[:, None])
+                if step == max_new_tokens - 1 or (eos_id is not None and finished.all()):
+                    break
+                logits = model(next_ids[:, None], cache=cache).logits[:, -1]  # [B, V]
+            return torch.cat(tokens, dim=1)  # [B, T0 + n]
+    finally:
+        model.train(was_training)

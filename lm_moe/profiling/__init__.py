@@ -1,0 +1,1 @@
+"""Speed measurement shared by the benchmark and profiling scripts."""

@@ -1,0 +1,79 @@
+"""Plain, obviously-correct reference implementations that the layers are tested against.
+
+Loops over tokens, experts and slots, written for clarity, not speed.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def expert_mlp(experts, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert e of an `ExpertWeights` applied to x [..., D]."""
+    h = x @ experts.w_in[e]
+    if experts.activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        h = F.silu(gate) * up
+    else:
+        h = F.gelu(h)
+    return h @ experts.w_out[e]
+
+
+def topk_choices(moe, x: torch.Tensor):
+    """Router probabilities and the chosen (expert, weight) pairs of every token of x [B, T, D]."""
+    probs = torch.softmax(x @ moe.router.weight.T, dim=-1)  # [B, T, E]
+    weight, index = probs.topk(moe.top_k, dim=-1)
+    if moe.router.renormalize:
+        weight = weight / weight.sum(-1, keepdim=True)
+    return probs, index, weight
+
+
+def capacity_kept(index: torch.Tensor, num_experts: int, capacity_factor: float | None) -> torch.Tensor:
+    """Walk each sequence in position order; by position t an expert may have served at most
+    ceil(capacity_factor * k * (t + 1) / E) choices."""
+    B, T, k = index.shape
+    kept = torch.ones(B, T, k, dtype=torch.bool)
+    if capacity_factor is None:
+        return kept
+    for b in range(B):
+        served = [0] * num_experts
+        for t in range(T):
+            capacity = math.ceil(capacity_factor * k * (t + 1) / num_experts)
+            for j in range(k):
+                e = int(index[b, t, j])
+                if served[e] < capacity:
+                    served[e] += 1
+                else:
+                    kept[b, t, j] = False
+    return kept
+
+
+def topk_moe(moe, x: torch.Tensor) -> torch.Tensor:
+    """TopKMoE output, one token and one choice at a time."""
+    _, index, weight = topk_choices(moe, x)
+    kept = capacity_kept(index, moe.num_experts, moe.capacity_factor)
+    B, T, _ = x.shape
+    rows = []
+    for b in range(B):
+        for t in range(T):
+            out = torch.zeros_like(x[b, t])
+            for j in range(moe.top_k):
+                if kept[b, t, j]:
+                    out = out + weight[b, t, j] * expert_mlp(moe.experts, int(index[b, t, j]), x[b, t])
+            rows.append(out)
+    return torch.stack(rows).view_as(x)
+
+
+def soft_moe(layer, x: torch.Tensor) -> torch.Tensor:
+    """Algorithm 1 of the Soft MoE paper, with the official L2 normalisation, one slot at a time."""
+    phi = layer.scale * F.normalize(layer.slot_embeddings, dim=0)  # [D, S]
+    logits = F.normalize(x, dim=-1) @ phi  # [B, T, S]
+    dispatch = torch.softmax(logits, dim=1)
+    combine = torch.softmax(logits, dim=2)
+    slot_inputs = torch.einsum("bts,btd->bsd", dispatch, x)
+    slot_outputs = torch.stack(
+        [expert_mlp(layer.experts, s // layer.slots_per_expert, slot_inputs[:, s]) for s in range(layer.num_slots)],
+        dim=1,
+    )  # [B, S, D]
+    return torch.einsum("bts,bsd->btd", combine, slot_outputs)

@@ -1,0 +1,134 @@
+import pytest
+import torch
+
+from lm_moe.layers import SoftMoE
+from lm_moe.layers import soft_moe as soft_moe_module
+
+from . import reference
+
+
+def make_soft_moe(**kwargs) -> SoftMoE:
+    defaults = dict(dim=8, hidden_dim=12, num_experts=3, slots_per_expert=2)
+    layer = SoftMoE(**{**defaults, **kwargs}).double()
+    with torch.no_grad():
+        layer.scale.fill_(2.5)  # away from its init, so a forgotten scale shows
+    return layer
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("num_experts, slots_per_expert", [(1, 1), (3, 2), (4, 1), (2, 5)])
+def test_output_and_gradients_match_algorithm_1(activation, num_experts, slots_per_expert):
+    layer = make_soft_moe(num_experts=num_experts, slots_per_expert=slots_per_expert, activation=activation)
+    x = torch.randn(2, 7, 8, dtype=torch.float64, requires_grad=True)
+    y, aux = layer(x)
+    expected = reference.soft_moe(layer, x)
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
+    assert aux.loss.item() == 0
+
+    params = [x, layer.experts.w_in, layer.experts.w_out, layer.slot_embeddings, layer.scale]
+    grads = torch.autograd.grad((y * torch.sin(y)).sum(), params)
+    ref_grads = torch.autograd.grad((expected * torch.sin(expected)).sum(), params)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_dispatches_unnormalised_inputs():
+    # Logits only see directions; the slots receive the raw inputs, so scaling x scales them.
+    layer = make_soft_moe()
+    x = torch.randn(1, 5, 8, dtype=torch.float64)
+    slots = []
+    original = layer.experts.forward_batched
+
+    def recording(inputs):
+        slots.append(inputs)
+        return original(inputs)
+
+    layer.experts.forward_batched = recording
+    layer(x)
+    layer(3 * x)
+    torch.testing.assert_close(slots[1], 3 * slots[0])
+
+
+def test_equivariant_to_permuting_the_tokens_of_a_sequence():
+    layer = make_soft_moe()
+    x = torch.randn(2, 9, 8, dtype=torch.float64)
+    perm = torch.randperm(9)
+    y, _ = layer(x)
+    y_perm, _ = layer(x[:, perm])
+    torch.testing.assert_close(y_perm, y[:, perm], rtol=0, atol=1e-12)
+
+
+def test_independent_of_other_rows_of_the_batch():
+    layer = make_soft_moe()
+    x = torch.randn(3, 6, 8, dtype=torch.float64)
+    alone, _ = layer(x[1:2])
+    in_batch, _ = layer(x)
+    torch.testing.assert_close(in_batch[1:2], alone, rtol=0, atol=1e-13)
+
+
+def test_sees_the_future_which_is_why_decoders_need_the_causal_variants():
+    layer = make_soft_moe()
+    x = torch.randn(1, 6, 8, dtype=torch.float64)
+    changed = x.clone()
+    changed[:, -1] += 5
+    assert not torch.allclose(layer(x)[0][:, 0], layer(changed)[0][:, 0])
+
+
+def test_padding_mask_keeps_padding_out_of_every_slot():
+    layer = make_soft_moe()
+    x = torch.randn(2, 7, 8, dtype=torch.float64)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[0, 4:] = False
+    mask[1, :] = False  # a fully padded row must not produce NaN
+    y, aux = layer(x, mask)
+    short, _ = layer(x[:1, :4])
+    torch.testing.assert_close(y[:1, :4], short, rtol=0, atol=1e-12)
+    assert y[0, 4:].abs().max() == 0 and y[1].abs().max() == 0
+    assert all(torch.isfinite(value).all() for value in aux.stats.values())
+
+
+def test_stats_describe_the_routing():
+    layer = make_soft_moe(num_experts=4, slots_per_expert=1)
+    with torch.no_grad():
+        layer.scale.fill_(0.0)  # all logits 0: uniform dispatch and combine
+    _, aux = layer(torch.randn(2, 5, 8, dtype=torch.float64))
+    assert aux.stats["dispatch_entropy"].item() == pytest.approx(torch.log(torch.tensor(5.0)).item())
+    assert aux.stats["combine_entropy"].item() == pytest.approx(torch.log(torch.tensor(4.0)).item())
+    torch.testing.assert_close(aux.stats["slot_usage"], torch.full((4,), 0.25))
+    assert aux.stats["slot_usage_spread"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_bf16_autocast_keeps_router_in_fp32(monkeypatch):
+    layer = SoftMoE(16, 32, 4, slots_per_expert=2)
+    seen = []
+    original = soft_moe_module.soft_routing_logits
+
+    def spy(*args):
+        logits = original(*args)
+        seen.append(logits.dtype)
+        return logits
+
+    monkeypatch.setattr(soft_moe_module, "soft_routing_logits", spy)
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = layer(x)
+        y.float().square().mean().backward()
+    assert seen == [torch.float32] and aux.loss.dtype == torch.float32
+    assert y.dtype == torch.bfloat16
+    assert torch.isfinite(x.grad).all() and layer.slot_embeddings.grad.dtype == torch.float32
+    y32, _ = layer(x)
+    torch.testing.assert_close(y.float(), y32, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(num_experts=0), "num_experts"),
+        (dict(slots_per_expert=0), "slots_per_expert"),
+        (dict(hidden_dim=-2), "hidden_dim"),
+        (dict(activation="silu"), "activation"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        make_soft_moe(**kwargs)

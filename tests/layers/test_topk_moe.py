@@ -1,0 +1,206 @@
+import math
+
+import pytest
+import torch
+
+from lm_moe.layers import TopKMoE
+from lm_moe.layers.routing import (
+    TopKRouting,
+    prefix_capacity,
+    load_balancing_loss,
+    position_priority_keep,
+    router_entropy,
+    router_z_loss,
+)
+
+from . import reference
+
+
+def make_moe(**kwargs) -> TopKMoE:
+    defaults = dict(dim=8, hidden_dim=12, num_experts=4, top_k=2)
+    return TopKMoE(**{**defaults, **kwargs}).double()
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("top_k, renormalize", [(1, True), (2, True), (2, False), (3, True)])
+def test_dropless_output_and_gradients_match_reference(activation, top_k, renormalize):
+    moe = make_moe(top_k=top_k, renormalize=renormalize, activation=activation)
+    x = torch.randn(3, 7, 8, dtype=torch.float64, requires_grad=True)
+    y, aux = moe(x)
+    expected = reference.topk_moe(moe, x)
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
+
+    params = [x, moe.experts.w_in, moe.experts.w_out, moe.router.weight]
+    grads = torch.autograd.grad((y * torch.cos(y)).sum(), params)
+    ref_grads = torch.autograd.grad((expected * torch.cos(expected)).sum(), params)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_dropless_output_does_not_depend_on_batch_mates():
+    moe = make_moe()
+    x = torch.randn(4, 9, 8, dtype=torch.float64)
+    alone, _ = moe(x[:1])
+    in_batch, _ = moe(x)
+    other_mates, _ = moe(torch.cat([x[:1], 10 * torch.randn(5, 9, 8, dtype=torch.float64)]))
+    torch.testing.assert_close(in_batch[:1], alone, rtol=0, atol=1e-13)
+    torch.testing.assert_close(other_mates[:1], alone, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("capacity_factor", [0.25, 0.5, 1.0, 1.25])
+def test_capacity_drops_exactly_the_choices_the_position_rule_drops(capacity_factor):
+    moe = make_moe(capacity_factor=capacity_factor)
+    x = torch.randn(3, 10, 8, dtype=torch.float64)
+    y, aux = moe(x)
+    torch.testing.assert_close(y, reference.topk_moe(moe, x), rtol=0, atol=1e-12)
+
+    _, index, _ = reference.topk_choices(moe, x)
+    kept = reference.capacity_kept(index, 4, capacity_factor)
+    assert not kept.all(), "the case must drop something to test the rule"
+    assert aux.stats["dropped_fraction"].item() == pytest.approx(1 - kept.float().mean().item())
+    expected_counts = torch.bincount(index[kept], minlength=4).double()
+    torch.testing.assert_close(aux.stats["tokens_per_expert"].double(), expected_counts)
+
+
+def test_prefix_capacity_is_the_fair_share_of_the_prefix():
+    # capacity_factor 1, k 1, E 2: ceil((t + 1) / 2)
+    assert prefix_capacity(1.0, 1, 2, 6).tolist() == [1, 1, 2, 2, 3, 3]
+    assert prefix_capacity(2.0, 2, 8, 4).tolist() == [1, 1, 2, 2]
+
+
+def test_position_priority_on_a_hand_made_case():
+    # One sequence, k=1, every token wants expert 0, capacity 2 everywhere: the first two win.
+    index = torch.zeros(1, 4, 1, dtype=torch.long)
+    routed = torch.ones(1, 4, 1, dtype=torch.bool)
+    capacity = torch.full((4,), 2)
+    keep = position_priority_keep(index, routed, capacity, num_experts=3)
+    assert keep.flatten().tolist() == [True, True, False, False]
+    # Padding does not take a place in the queue.
+    routed[0, 0, 0] = False
+    keep = position_priority_keep(index, routed, capacity, num_experts=3)
+    assert keep.flatten().tolist() == [False, True, True, False]
+    # A growing capacity lets the last position in again.
+    keep = position_priority_keep(index, routed, torch.tensor([1, 1, 2, 3]), num_experts=3)
+    assert keep.flatten().tolist() == [False, True, True, True]
+
+
+def test_capacity_keeps_the_layer_per_example_deterministic_and_causal():
+    moe = make_moe(capacity_factor=0.5)
+    x = torch.randn(2, 12, 8, dtype=torch.float64)
+    alone, _ = moe(x[:1])
+    in_batch, _ = moe(x)
+    torch.testing.assert_close(in_batch[:1], alone, rtol=0, atol=1e-13)
+    # The future cannot evict the past: outputs up to t ignore any change after t.
+    t = 5
+    changed = x.clone()
+    changed[:, t + 1 :] = 100 * torch.randn(2, 12 - t - 1, 8, dtype=torch.float64)
+    after, _ = moe(changed)
+    torch.testing.assert_close(after[:, : t + 1], in_batch[:, : t + 1], rtol=0, atol=0)
+
+
+def test_padding_is_routed_nowhere_and_leaves_valid_tokens_alone():
+    moe = make_moe(capacity_factor=1.0)
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    y, aux = moe(x, mask)
+    short, _ = moe(x[:1, :4])
+    torch.testing.assert_close(y[:1, :4], short, rtol=0, atol=1e-13)
+    assert y[0, 4:].abs().max() == 0
+    assert aux.stats["tokens_per_expert"].sum().item() <= 10 * 2
+
+
+def test_load_balancing_loss_on_hand_computed_cases():
+    probs = torch.tensor([[0.7, 0.3], [0.4, 0.6]], dtype=torch.float64)
+    routing = TopKRouting(logits=probs.log(), probs=probs, expert_index=torch.tensor([[0], [1]]), weight=probs[:, :1])
+    # f = [0.5, 0.5], P = [0.55, 0.45]  ->  2 * (0.5 * 0.55 + 0.5 * 0.45) = 1
+    assert load_balancing_loss(routing).item() == pytest.approx(1.0)
+    routing.expert_index = torch.tensor([[0], [0]])
+    # f = [1, 0]  ->  2 * 0.55 = 1.1
+    assert load_balancing_loss(routing).item() == pytest.approx(1.1)
+    # Only the valid token counts: f = [1, 0], P = [0.7, 0.3]  ->  1.4
+    assert load_balancing_loss(routing, valid=torch.tensor([True, False])).item() == pytest.approx(1.4)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_perfectly_balanced_router_scores_one_whatever_k(top_k):
+    num_experts, num_tokens = 6, 12
+    probs = torch.full((num_tokens, num_experts), 1 / num_experts)
+    # Token i picks experts i, i+1, ... (mod E): every expert gets the same number of choices.
+    index = (torch.arange(num_tokens)[:, None] + torch.arange(top_k)) % num_experts
+    routing = TopKRouting(logits=probs.log(), probs=probs, expert_index=index, weight=probs[:, :top_k])
+    assert load_balancing_loss(routing).item() == pytest.approx(1.0)
+    assert router_entropy(routing).item() == pytest.approx(math.log(num_experts))
+
+
+def test_router_z_loss_on_a_hand_computed_case():
+    logits = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]], dtype=torch.float64)
+    routing = TopKRouting(logits=logits, probs=logits.softmax(-1), expert_index=torch.zeros(2, 1, dtype=torch.long), weight=None)
+    # logsumexp = ln 4 and ln 2
+    expected = (math.log(4) ** 2 + math.log(2) ** 2) / 2
+    assert router_z_loss(routing).item() == pytest.approx(expected)
+
+
+def test_aux_loss_is_the_weighted_sum_of_both_terms():
+    moe = make_moe(load_balance_weight=0.3, z_loss_weight=0.07)
+    _, aux = moe(torch.randn(2, 5, 8, dtype=torch.float64))
+    expected = 0.3 * aux.stats["load_balance_loss"] + 0.07 * aux.stats["router_z_loss"]
+    torch.testing.assert_close(aux.loss.detach(), expected)
+    assert aux.loss.requires_grad
+    assert all(not value.requires_grad for value in aux.stats.values())
+
+
+def test_jitter_noise_only_in_training():
+    moe = make_moe(jitter_noise=0.5)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    moe.eval()
+    torch.testing.assert_close(moe(x)[0], moe(x)[0], rtol=0, atol=0)
+    torch.testing.assert_close(moe(x)[0], reference.topk_moe(moe, x), rtol=0, atol=1e-12)
+    moe.train()
+    assert not torch.equal(moe.router(x.view(-1, 8)).probs, moe.router(x.view(-1, 8)).probs)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_bf16_autocast_keeps_router_in_fp32(capacity_factor):
+    moe = TopKMoE(16, 32, 4, capacity_factor=capacity_factor)
+    seen = []
+    moe.router.register_forward_hook(lambda module, args, out: seen.append(out.logits.dtype))
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = moe(x)
+        (y.float().square().mean() + aux.loss).backward()
+    assert seen == [torch.float32]
+    assert y.dtype == torch.bfloat16 and aux.loss.dtype == torch.float32
+    assert torch.isfinite(x.grad).all() and moe.experts.w_in.grad.dtype == torch.float32
+    y32, _ = moe(x)
+    torch.testing.assert_close(y.float(), y32, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(top_k=5), "top_k"),
+        (dict(top_k=0), "top_k"),
+        (dict(num_experts=0), "num_experts"),
+        (dict(hidden_dim=0), "hidden_dim"),
+        (dict(dim=-3), "dim"),
+        (dict(activation="tanh"), "activation"),
+        (dict(capacity_factor=0), "capacity_factor"),
+        (dict(capacity_factor=-1.0), "capacity_factor"),
+        (dict(load_balance_weight=-0.1), "load_balance_weight"),
+        (dict(z_loss_weight=-1), "z_loss_weight"),
+        (dict(jitter_noise=1.5), "jitter_noise"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        make_moe(**kwargs)
+
+
+def test_capacity_is_prefix_consistent():
+    # What a prefix of length l gets does not depend on how long the sequence is: decoding-ready.
+    moe = make_moe(capacity_factor=0.5)
+    x = torch.randn(2, 11, 8, dtype=torch.float64)
+    full, _ = moe(x)
+    for length in (1, 4, 7):
+        prefix, _ = moe(x[:, :length])
+        torch.testing.assert_close(prefix, full[:, :length], rtol=0, atol=1e-13)
