@@ -79,8 +79,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--quick", action="store_true", help="quarter-size layers, batch 2, 5 repeats")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 20, or 5 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="quarter-size layers and batch 2: a smoke run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument(
         "--system-malloc",
@@ -101,7 +101,9 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.quick:
-        args.batch, args.repeats = 2, 5
+        args.batch = 2
+    if args.repeats is None:
+        args.repeats = 5 if args.quick else 20
     allocator = "glibc default" if args.system_malloc else ("glibc, freed memory kept" if keep_freed_memory() else "system default")
     if args.threads is not None:
         torch.set_num_threads(args.threads)

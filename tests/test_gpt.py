@@ -1,6 +1,7 @@
 """GPT model: cached decoding equals the full forward, causality, block layout, init, generation."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 from lm_moe.layers.attention import apply_rotary, rotary_cos_sin
 from lm_moe.layers.ffn import DenseFFN
 from lm_moe.layers.layer_output import LayerAux
+from lm_moe.layers.sparse_moe import TopKMoE
 from lm_moe.models import GPT, generate
 
 VOCAB, BLOCK = 37, 16
@@ -61,7 +63,11 @@ def random_ids(batch=2, length=BLOCK, seed=1):
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-FFNS = {"dense": None, "stateful": CumulativeMeanFFN}
+FFNS = {
+    "dense": None,
+    "stateful": CumulativeMeanFFN,
+    "top2": partial(TopKMoE, hidden_dim=24, num_experts=4, top_k=2),
+}
 PIECES = {
     "prefill_then_steps": [4] + [1] * 8,
     "split_prefill": [5, 3] + [1] * 4,
@@ -87,6 +93,8 @@ def test_cached_decoding_matches_full_forward(positions, ffn, pieces):
     torch.testing.assert_close(torch.cat(decoded, dim=1), full, rtol=0, atol=1e-10)
     states = [block.ffn_state is not None for block in cache.blocks]
     assert states == [False, ffn == "stateful", False]  # only the decode() FFN keeps state
+    if ffn == "top2":
+        assert isinstance(model.blocks[1].ffn, TopKMoE)
 
 
 @pytest.mark.parametrize("positions", ["learned", "rotary"])

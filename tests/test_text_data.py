@@ -4,8 +4,6 @@ import json
 import random
 import re
 
-import datasets
-import huggingface_hub
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -17,15 +15,6 @@ from lm_moe.data import TextDataModule
 
 N_DOCS = 30
 WORDS = "alpha beta gamma delta expert router token slot causal mixture softmax dispatch combine".split()
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    """No hub access even if the environment allows it (the libraries read these flags at import)."""
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        monkeypatch.setenv(name, "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
 def _documents() -> list[str]:

@@ -88,6 +88,14 @@ def _builder_for(files: list[str]) -> str:
     return builders.pop()
 
 
+def unigram_cross_entropy(train_blocks: Tensor, val_blocks: Tensor, vocab_size: int) -> float:
+    """Validation cross-entropy (nats/token) of the train split's token frequencies (add-one
+    smoothed): the loss of a model that ignores context, the bar a trained LM must clear."""
+    counts = torch.bincount(train_blocks[:, 1:].flatten().long(), minlength=vocab_size).double() + 1  # [V]
+    log_probs = torch.log(counts / counts.sum())  # [V]
+    return float(-log_probs[val_blocks[:, 1:].flatten().long()].mean())
+
+
 class PackedBlocks(Dataset):
     """Map-style dataset over packed token blocks; item i is one training sequence."""
 
@@ -178,6 +186,7 @@ class TextDataModule(pl.LightningDataModule):
 
         self.train_set: PackedBlocks | None = None
         self.val_set: PackedBlocks | None = None
+        self.unigram_cross_entropy: float | None = None  # set by setup()
 
     # ---- loading and tokenising (cached by `datasets`) ----
 
@@ -261,9 +270,11 @@ class TextDataModule(pl.LightningDataModule):
         token_is_val = np.repeat(is_val, lengths)  # [n_tokens]
         train = self._pack(tokens[~token_is_val], "train")
         val = self._pack(tokens[token_is_val], "validation")
+        self.unigram_cross_entropy = unigram_cross_entropy(train, val, self.vocab_size)
         rank_zero_info(
             f"{self._source()}: {n_docs - n_val} train / {n_val} validation documents, "
-            f"{train.shape[0]} / {val.shape[0]} blocks of {self.block_size} + 1 tokens"
+            f"{train.shape[0]} / {val.shape[0]} blocks of {self.block_size} + 1 tokens; "
+            f"unigram baseline: {self.unigram_cross_entropy:.3f} nats/token on validation"
         )
         if train.shape[0] < self.batch_size:
             raise ValueError(

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 import torchmetrics
 from pytorch_lightning.loggers import TensorBoardLogger
 
+from lm_moe.lit.checkpoints import require_matching_state
 from lm_moe.lit.moe_metrics import moe_histograms, moe_scalars
 from lm_moe.lit.optim import build_adamw_with_schedule
 from lm_moe.models.gpt import GPT
@@ -64,6 +65,13 @@ class LanguageModel(pl.LightningModule):
         loss = self.val_loss.compute()
         self.val_loss.reset()
         self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss), "hp_metric": loss}, prog_bar=True)
+        baseline = getattr(self.trainer.datamodule, "unigram_cross_entropy", None)
+        if baseline is not None:
+            self.log("val/unigram_baseline", baseline)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Before Lightning loads the weights: a clear error instead of a wall of missing keys.
+        require_matching_state(checkpoint["state_dict"], self.state_dict())
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         cross_entropy, _ = self._loss(batch)

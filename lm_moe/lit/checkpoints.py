@@ -1,0 +1,42 @@
+"""Checkpoint checks: refuse a checkpoint that does not fit the model, and say why."""
+
+from pathlib import Path
+
+import torch
+
+
+def require_matching_state(checkpoint_state: dict[str, torch.Tensor], model_state: dict[str, torch.Tensor]) -> None:
+    """Raise ValueError listing the missing, unexpected and mis-shaped tensors, if any."""
+    missing = sorted(model_state.keys() - checkpoint_state.keys())
+    unexpected = sorted(checkpoint_state.keys() - model_state.keys())
+    mis_shaped = [
+        f"{name}: checkpoint {tuple(checkpoint_state[name].shape)} vs model {tuple(model_state[name].shape)}"
+        for name in sorted(model_state.keys() & checkpoint_state.keys())
+        if checkpoint_state[name].shape != model_state[name].shape
+    ]
+    if not (missing or unexpected or mis_shaped):
+        return
+    problems = []
+    for title, names in (("missing", missing), ("unexpected", unexpected), ("different shape", mis_shaped)):
+        if names:
+            shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+            problems.append(f"{title}: {shown}")
+    raise ValueError(
+        "the checkpoint was trained with a different architecture than this config builds ("
+        + "; ".join(problems)
+        + "); use the config the checkpoint was trained with (its run folder holds config.yaml)"
+    )
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a Lightning checkpoint file, with clear errors for a missing or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # torch raises several kinds for files that are not checkpoints
+        raise ValueError(f"{str(path)!r} is not a readable PyTorch checkpoint: {error}") from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise ValueError(f"{str(path)!r} is not a Lightning checkpoint of an lm_moe model (no state_dict / hyper_parameters)")
+    return checkpoint

@@ -1,0 +1,159 @@
+"""The language-model job end to end through the Lightning CLI, at toy sizes, offline."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lm_moe import cli, sample
+
+REPO = Path(__file__).resolve().parents[2]
+LM_CONFIGS = sorted((REPO / "configs" / "lm").glob("*.yaml"))
+
+
+def tiny_args(cache_dir: Path, steps: int = 4) -> list[str]:
+    """Overrides that shrink any LM config to a seconds-long run on the offline default corpus."""
+    return [
+        "--model.n_layer=2",
+        "--model.dim=64",
+        "--model.n_head=2",
+        "--model.dense_hidden_dim=128",
+        "--model.warmup_steps=2",
+        "--data.max_documents=40",
+        "--data.vocab_size=512",
+        "--data.block_size=32",
+        "--data.batch_size=4",
+        "--data.val_fraction=0.2",
+        f"--data.cache_dir={cache_dir}",
+        f"--trainer.max_steps={steps}",
+        "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=2",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+
+
+def fit(config: Path, cache_dir: Path, *extra: str, steps: int = 4):
+    return cli.main(["fit", "-c", str(config), *tiny_args(cache_dir, steps), *extra])
+
+
+def scalars(run_dir: Path) -> dict[str, list[float]]:
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: [event.value for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def trained_top2(tmp_path_factory):
+    """One short top-2 run shared by the tests that need a checkpoint: (work dir, cache dir)."""
+    work = tmp_path_factory.mktemp("work")
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(work)
+        fit(REPO / "configs/lm/top2.yaml", cache)
+    return work, cache
+
+
+def test_configs_exist():
+    assert {path.stem for path in LM_CONFIGS} >= {"dense", "top2"}
+
+
+@pytest.mark.parametrize("config", LM_CONFIGS, ids=[path.stem for path in LM_CONFIGS])
+def test_every_lm_config_fits_a_few_steps(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = fit(config, tmp_path / "cache")
+    assert run.trainer.global_step == 4
+    run_dir = Path(run.trainer.logger.log_dir)
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "config.yaml").is_file()
+    logged = scalars(run_dir)
+    assert all(torch.isfinite(torch.tensor(logged["val/loss"])))
+    assert logged["val/ppl"][-1] == pytest.approx(torch.exp(torch.tensor(logged["val/loss"][-1])).item(), rel=1e-4)
+
+
+def test_tensorboard_holds_loss_perplexity_and_expert_load(trained_top2):
+    work, _ = trained_top2
+    run_dir = work / "runs" / "top2" / "version_0"
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    tags = events.Tags()
+    for tag in ("train/loss", "train/cross_entropy", "train/aux_loss", "val/loss", "val/ppl", "val/unigram_baseline",
+                "perf/train_tokens_per_sec", "hp_metric"):
+        assert tag in tags["scalars"], tag
+    for block in ("block_0", "block_1"):
+        for stat in ("tokens_per_expert_max_min_ratio", "dropped_fraction", "router_entropy", "load_balance_loss",
+                     "router_z_loss"):
+            assert f"moe/{block}/{stat}" in tags["scalars"]
+        assert f"moe/{block}/tokens_per_expert" in tags["histograms"]
+
+
+def test_resume_from_last_continues_step_count_and_optimizer(trained_top2, monkeypatch):
+    work, cache = trained_top2
+    monkeypatch.chdir(work)
+    first = torch.load(work / "runs/top2/version_0/checkpoints/last.ckpt", weights_only=False)
+    assert first["global_step"] == 4
+
+    resumed = fit(REPO / "configs/lm/top2.yaml", cache, "--ckpt_path=last", steps=6)
+    assert resumed.trainer.global_step == 6
+    assert Path(resumed.trainer.logger.log_dir).name == "version_1"  # the first run's logs stay
+    adam_steps = {float(state["step"]) for state in resumed.trainer.optimizers[0].state.values()}
+    assert adam_steps == {6.0}  # Adam's moments continued from step 4, not from scratch
+
+
+def test_ckpt_path_last_without_a_run_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no last.ckpt"):
+        fit(REPO / "configs/lm/top2.yaml", tmp_path / "cache", "--ckpt_path=last")
+
+
+def test_checkpoint_of_another_architecture_is_refused_before_training(trained_top2, tmp_path, monkeypatch):
+    work, cache = trained_top2
+    monkeypatch.chdir(tmp_path)
+    checkpoint = work / "runs/top2/version_0/checkpoints/last.ckpt"
+    with pytest.raises(ValueError, match="different architecture"):
+        fit(REPO / "configs/lm/dense.yaml", cache, f"--ckpt_path={checkpoint}")
+
+
+def test_loss_goes_down_on_a_tiny_fixed_corpus(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"{i}.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    run = fit(
+        REPO / "configs/lm/dense.yaml",
+        tmp_path / "cache",
+        f"--data.data_files={corpus}/*.txt",
+        "--data.vocab_size=300",
+        "--model.learning_rate=0.01",
+        steps=30,
+    )
+    losses = scalars(Path(run.trainer.logger.log_dir))["train/loss"]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_sample_prints_a_continuation_of_the_prompt(trained_top2, capsys):
+    work, _ = trained_top2
+    checkpoint = str(work / "runs/top2/version_0/checkpoints/last.ckpt")
+    texts = sample.sample(checkpoint, prompt="def ", max_new_tokens=5, num_samples=2)
+    assert len(texts) == 2 and all(text.startswith("def ") for text in texts)
+    assert "--- sample 1 ---" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="block_size 32"):
+        sample.sample(checkpoint, prompt="x " * 40, max_new_tokens=5)
+
+
+@pytest.mark.parametrize("bad_file", ["missing.ckpt", "config.yaml"])
+def test_sample_refuses_what_is_not_a_checkpoint(tmp_path, bad_file):
+    (tmp_path / "config.yaml").write_text("model: {}\n")
+    with pytest.raises((FileNotFoundError, ValueError), match=bad_file):
+        sample.sample(str(tmp_path / bad_file))
+
+
+def test_print_config_shows_the_linked_and_ffn_settings(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", "-c", str(REPO / "configs/lm/top2.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "class_path: lm_moe.layers.TopKMoE" in printed and "block_size: 128" in printed
