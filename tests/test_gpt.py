@@ -10,6 +10,7 @@ from torch import nn
 from lm_moe.layers.attention import apply_rotary, rotary_cos_sin
 from lm_moe.layers.ffn import DenseFFN
 from lm_moe.layers.layer_output import LayerAux
+from lm_moe.layers.soft_moe import SoftMoE
 from lm_moe.layers.sparse_moe import TopKMoE
 from lm_moe.models import GPT, generate
 
@@ -283,3 +284,14 @@ def test_generate_restores_training_mode():
     model.eval()
     generate(model, random_ids(length=2), 3)
     assert not model.training
+
+
+@pytest.mark.parametrize("ffn", [
+    partial(SoftMoE, hidden_dim=8, num_experts=2),
+    partial(TopKMoE, hidden_dim=8, num_experts=2, capacity_factor=1.0, capacity_priority="gshard"),
+])
+def test_noncausal_ffn_is_refused_unless_allowed(ffn):
+    with pytest.raises(ValueError, match="allow_noncausal"):
+        make_model(ffn=ffn)
+    model = make_model(ffn=ffn, allow_noncausal=True)
+    assert not model.blocks[0].ffn.is_causal

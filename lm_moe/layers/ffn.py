@@ -100,6 +100,8 @@ class ExpertWeights(nn.Module):
 class DenseFFN(nn.Module):
     """The dense MLP baseline with the MoE layer contract: x [B, T, D] -> (y [B, T, D], LayerAux)."""
 
+    is_causal = True  # per token
+
     def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu"):
         super().__init__()
         self.expert = ExpertWeights(1, dim, hidden_dim, activation)

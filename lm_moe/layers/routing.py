@@ -4,6 +4,7 @@ Notation: N tokens, E experts, k choices per token. Router math always runs in a
 (softmax and log-sum-exp in bf16 mis-rank experts and blow up the z-loss), also under autocast.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -88,37 +89,61 @@ def router_entropy(routing: TopKRouting, valid: torch.Tensor | None = None) -> t
     return masked_mean(entropy, valid)
 
 
-def prefix_capacity(capacity_factor: float, top_k: int, num_experts: int, seq_len: int) -> torch.Tensor:
-    """How many choices each expert may have served by position t: [T] long,
-    ceil(capacity_factor * k * (t + 1) / E), the expert's fair share of the prefix 0..t.
+def prefix_capacity(capacity_factor: float, top_k: int, num_experts: int, seq_len: int, start: int = 0) -> torch.Tensor:
+    """How many choices each expert may have served by position t, for t = start .. start+seq_len-1:
+    [seq_len] long, ceil(capacity_factor * k * (t + 1) / E), the expert's fair share of the prefix.
 
     A capacity that depends only on the prefix (never on the sequence length T) keeps the layer
     prefix-consistent, so it gives the same outputs in training and in token-by-token decoding.
     """
-    positions = torch.arange(1, seq_len + 1, dtype=torch.float64)  # [T]
+    positions = torch.arange(start + 1, start + seq_len + 1, dtype=torch.float64)  # [T]
     return torch.ceil(capacity_factor * top_k * positions / num_experts).long()  # [T]
 
 
+def gshard_capacity(capacity_factor: float, top_k: int, num_experts: int, seq_len: int) -> torch.Tensor:
+    """GShard / ST-MoE: one capacity for the whole sequence, ceil(capacity_factor * k * T / E),
+    for each of the k*T choices taken first choices first: [k*T] long. A function of T."""
+    return torch.full((top_k * seq_len,), math.ceil(capacity_factor * top_k * seq_len / num_experts))
+
+
 def position_priority_keep(
-    expert_index: torch.Tensor, routed: torch.Tensor, capacity: torch.Tensor, num_experts: int
-) -> torch.Tensor:
+    expert_index: torch.Tensor,
+    routed: torch.Tensor,
+    capacity: torch.Tensor,
+    num_experts: int,
+    served_before: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Which routing choices an expert serves when earlier positions go first.
 
-    expert_index [B, T, k], routed [B, T, k] (False = not routed at all, e.g. padding) and
-    capacity [T] (see `prefix_capacity`) -> keep [B, T, k]. Walking each sequence in position
-    order, an expert serves a choice at position t iff it has served fewer than capacity[t]
-    choices so far (one token never picks an expert twice). The decision at t depends only on
-    positions <= t of the same sequence: causal and independent of the batch. GShard's rule, all
-    first choices before any second choice, lets later tokens' first choices evict earlier
-    tokens' second choices: it leaks.
+    expert_index [B, T, k], routed [B, T, k] (False = not routed at all, e.g. padding), capacity
+    [T] non-decreasing (see `prefix_capacity`) and served_before [B, E] (choices each expert had
+    served before this stretch; decoding passes it on, None = 0) -> (keep [B, T, k], served_after
+    [B, E]). Walking each sequence in position order, an expert serves a choice at position t iff
+    it has served fewer than capacity[t] choices so far (one token never picks an expert twice).
+    The decision at t depends only on positions <= t of the same sequence: causal and
+    independent of the batch.
     """
     choices = F.one_hot(expert_index, num_experts) * routed.unsqueeze(-1)  # [B, T, k, E]
     arrivals = choices.sum(dim=2)  # [B, T, E] 0/1: does position t ask for expert e
     arrived = arrivals.cumsum(dim=1)  # [B, T, E]
-    # served(t) = min(served(t-1) + arrivals(t), capacity(t)) with capacity non-decreasing in t
-    # unrolls to served(t) = arrived(t) + min(0, min_{s<=t} capacity(s) - arrived(s)).
+    start = arrived.new_zeros(arrived.shape[0], 1, num_experts) if served_before is None else served_before[:, None]
+    # served(t) = min(served(t-1) + arrivals(t), capacity(t)), served(-1) = start, with capacity
+    # non-decreasing, unrolls to served(t) = arrived(t) + min(start, min_{s<=t} capacity(s) - arrived(s)).
     slack = capacity.to(arrived.device).view(1, -1, 1) - arrived  # [B, T, E]
-    served = arrived + slack.cummin(dim=1).values.clamp_max(0)  # [B, T, E]
-    served_before = F.pad(served[:, :-1], (0, 0, 1, 0))  # [B, T, E]
-    newly_served = (served - served_before).gather(-1, expert_index)  # [B, T, k] 0/1
-    return routed & newly_served.bool()
+    served = arrived + torch.minimum(start, slack.cummin(dim=1).values)  # [B, T, E]
+    served_earlier = torch.cat([start, served[:, :-1]], dim=1)  # [B, T, E]
+    newly_served = (served - served_earlier).gather(-1, expert_index)  # [B, T, k] 0/1
+    return routed & newly_served.bool(), served[:, -1]
+
+
+def gshard_keep(expert_index: torch.Tensor, routed: torch.Tensor, capacity_factor: float, num_experts: int) -> torch.Tensor:
+    """GShard's rule, kept as a KNOWN-LEAKY negative control: all first choices of the sequence
+    (in position order) before any second choice, one capacity for the whole sequence. A later
+    token's first choice can evict an earlier token's second choice: the future decides what the
+    past drops. expert_index, routed [B, T, k] -> keep [B, T, k]."""
+    B, T, k = expert_index.shape
+    choice_major = expert_index.transpose(1, 2).reshape(B, k * T, 1)  # [B, k*T, 1] first choices first
+    routed_major = routed.transpose(1, 2).reshape(B, k * T, 1)  # [B, k*T, 1]
+    capacity = gshard_capacity(capacity_factor, k, num_experts, T)  # [k*T]
+    keep, _ = position_priority_keep(choice_major, routed_major, capacity, num_experts)
+    return keep.reshape(B, k, T).transpose(1, 2)  # [B, T, k]

@@ -54,6 +54,8 @@ class SoftMoE(nn.Module):
     variation: 0 = every slot used equally).
     """
 
+    is_causal = False  # every slot pools the whole sequence
+
     def __init__(
         self,
         dim: int,

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from lm_moe.layers.checks import (
+    require_choice,
     require_non_negative_float,
     require_positive_float,
     require_positive_int,
@@ -12,12 +13,16 @@ from lm_moe.layers.ffn import ExpertWeights
 from lm_moe.layers.layer_output import LayerAux
 from lm_moe.layers.routing import (
     TopKRouter,
+    gshard_keep,
     load_balancing_loss,
     position_priority_keep,
     prefix_capacity,
     router_entropy,
     router_z_loss,
 )
+
+
+CAPACITY_PRIORITIES = ("position", "gshard")
 
 
 class TopKMoE(nn.Module):
@@ -32,6 +37,10 @@ class TopKMoE(nn.Module):
         A choice over capacity contributes 0 (the token keeps its residual). Priority by position
         and a capacity that depends on the prefix alone keep the layer causal, per-example
         deterministic and prefix-consistent (decoding reproduces training).
+    capacity_priority: "position" (the rule above) or "gshard": GShard / ST-MoE's rule (all first
+        choices before any second choice, one capacity ceil(capacity_factor * k * T / E) for the
+        sequence). KNOWN TO LEAK the future into which past choices are dropped: it exists as a
+        negative control for the leakage suite and for encoders; `is_causal` is False with it.
     aux.loss = load_balance_weight * Switch load-balancing loss + z_loss_weight * ST-MoE z-loss.
     """
 
@@ -47,6 +56,7 @@ class TopKMoE(nn.Module):
         load_balance_weight: float = 0.01,
         z_loss_weight: float = 0.001,
         jitter_noise: float = 0.0,
+        capacity_priority: str = "position",
     ):
         super().__init__()
         require_positive_int("num_experts", num_experts)
@@ -63,18 +73,41 @@ class TopKMoE(nn.Module):
         self.num_experts = num_experts
         self.top_k = top_k
         self.capacity_factor = capacity_factor
+        require_choice("capacity_priority", capacity_priority, CAPACITY_PRIORITIES)
+        self.capacity_priority = capacity_priority
         self.experts = ExpertWeights(num_experts, dim, hidden_dim, activation)
         self.router = TopKRouter(dim, num_experts, top_k, renormalize, jitter_noise)
 
+    @property
+    def is_causal(self) -> bool:
+        return self.capacity_factor is None or self.capacity_priority == "position"
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
         """`mask` [B, T] (True = real token): padding is routed nowhere and outputs 0."""
+        y, aux, _ = self._route_and_run(x, mask)
+        return y, aux
+
+    def decode(self, x: torch.Tensor, state) -> tuple[torch.Tensor, object]:
+        """Incremental decoding: x [B, t, D] are the next t tokens. Dropless routing is per token
+        (state None); with a capacity, state = (position, served [B, E]), the choices each expert
+        has served so far in each sequence."""
+        if self.capacity_factor is None:
+            return self(x)[0], None
+        position, served = state if state is not None else (0, None)
+        y, _, served = self._route_and_run(x, None, position, served)
+        return y, (position + x.shape[1], served)
+
+    def _route_and_run(
+        self, x: torch.Tensor, mask: torch.Tensor | None, start: int = 0, served_before: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, LayerAux, torch.Tensor | None]:
+        """The layer on positions start .. start+T-1 of each sequence; returns (y, aux, served_after)."""
         B, T, D = x.shape
         k, E = self.top_k, self.num_experts
         tokens = x.reshape(B * T, D)  # [N, D]
         valid = None if mask is None else mask.reshape(B * T)  # [N]
         routing = self.router(tokens)
 
-        served = self._served_choices(routing.expert_index.view(B, T, k), mask)  # [B, T, k] or None
+        served, served_after = self._served_choices(routing.expert_index.view(B, T, k), mask, start, served_before)
         # Sort the N*k choices by expert; choices not served get the sentinel E and sort last.
         choice_expert = routing.expert_index.reshape(-1)  # [N*k]
         if served is not None:
@@ -97,19 +130,23 @@ class TopKMoE(nn.Module):
             loss=self.load_balance_weight * balance + self.z_loss_weight * z_loss,
             stats=self._stats(routing, rows_per_expert, valid, balance, z_loss),
         )
-        return y.view(B, T, D), aux
+        return y.view(B, T, D), aux, served_after
 
-    def _served_choices(self, expert_index: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
-        """[B, T, k] bool of the choices an expert serves, or None when all are (dropless, no padding)."""
+    def _served_choices(self, expert_index, mask, start, served_before) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """([B, T, k] bool of the choices an expert serves, or None when all are: dropless without
+        padding; and the choices each expert has served after these positions [B, E], or None)."""
         if self.capacity_factor is None and mask is None:
-            return None
+            return None, None
         routed = torch.ones_like(expert_index, dtype=torch.bool)  # [B, T, k]
         if mask is not None:
             routed = routed & mask.unsqueeze(-1)
         if self.capacity_factor is None:
-            return routed
-        capacity = prefix_capacity(self.capacity_factor, self.top_k, self.num_experts, expert_index.shape[1])
-        return position_priority_keep(expert_index, routed, capacity, self.num_experts)
+            return routed, None
+        if self.capacity_priority == "gshard":
+            return gshard_keep(expert_index, routed, self.capacity_factor, self.num_experts), None
+        T = expert_index.shape[1]
+        capacity = prefix_capacity(self.capacity_factor, self.top_k, self.num_experts, T, start)  # [T]
+        return position_priority_keep(expert_index, routed, capacity, self.num_experts, served_before)
 
     def _stats(self, routing, rows_per_expert, valid, balance, z_loss) -> dict[str, torch.Tensor]:
         num_choices = routing.expert_index.numel() if valid is None else valid.sum() * self.top_k

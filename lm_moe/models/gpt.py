@@ -36,6 +36,18 @@ def moe_block_indices(moe_blocks: str, n_layer: int) -> set[int]:
     return set()
 
 
+def require_causal_ffns(blocks: nn.ModuleList) -> None:
+    """Refuse FFN layers that declare `is_causal = False`: in a decoder they would see the future."""
+    for i, block in enumerate(blocks):
+        if not getattr(block.ffn, "is_causal", True):
+            raise ValueError(
+                f"block {i}'s FFN {type(block.ffn).__name__} is not causal: its outputs depend on later tokens, "
+                "so a language model built with it sees the future. Choose a causal layer (DenseFFN, TopKMoE "
+                "with position-priority capacity, the causal Soft MoE variants), or set allow_noncausal: true "
+                "to build it anyway (e.g. as a negative control for the leakage suite)."
+            )
+
+
 @dataclass
 class GPTCache:
     """Decoding state of a whole model: one `BlockCache` per block, all at the same length."""
@@ -71,7 +83,10 @@ class GPT(nn.Module):
         dense_activation: str = "gelu",
         positions: str = "learned",
         dropout: float = 0.0,
+        allow_noncausal: bool = False,
     ):
+        """`allow_noncausal=True` lets a layer that sees the future (`is_causal = False`, e.g. the
+        naive SoftMoE) into this decoder, as a control for the leakage suite; otherwise it is refused."""
         super().__init__()
         for name, value in [("vocab_size", vocab_size), ("block_size", block_size), ("n_layer", n_layer),
                             ("n_head", n_head), ("dim", dim)]:
@@ -106,6 +121,8 @@ class GPT(nn.Module):
             TransformerBlock(dim, n_head, block_ffn(i), dropout=dropout, rotary=positions == "rotary")
             for i in range(n_layer)
         )
+        if not allow_noncausal:
+            require_causal_ffns(self.blocks)
         self.ln_f = nn.LayerNorm(dim)
         self.lm_head = nn.Linear(dim, vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied input and output embeddings

@@ -6,6 +6,7 @@ import torch
 from lm_moe.layers import TopKMoE
 from lm_moe.layers.routing import (
     TopKRouting,
+    gshard_keep,
     prefix_capacity,
     load_balancing_loss,
     position_priority_keep,
@@ -73,14 +74,14 @@ def test_position_priority_on_a_hand_made_case():
     index = torch.zeros(1, 4, 1, dtype=torch.long)
     routed = torch.ones(1, 4, 1, dtype=torch.bool)
     capacity = torch.full((4,), 2)
-    keep = position_priority_keep(index, routed, capacity, num_experts=3)
+    keep, _ = position_priority_keep(index, routed, capacity, num_experts=3)
     assert keep.flatten().tolist() == [True, True, False, False]
     # Padding does not take a place in the queue.
     routed[0, 0, 0] = False
-    keep = position_priority_keep(index, routed, capacity, num_experts=3)
+    keep, _ = position_priority_keep(index, routed, capacity, num_experts=3)
     assert keep.flatten().tolist() == [False, True, True, False]
     # A growing capacity lets the last position in again.
-    keep = position_priority_keep(index, routed, torch.tensor([1, 1, 2, 3]), num_experts=3)
+    keep, _ = position_priority_keep(index, routed, torch.tensor([1, 1, 2, 3]), num_experts=3)
     assert keep.flatten().tolist() == [False, True, True, True]
 
 
@@ -189,6 +190,7 @@ def test_bf16_autocast_keeps_router_in_fp32(capacity_factor):
         (dict(load_balance_weight=-0.1), "load_balance_weight"),
         (dict(z_loss_weight=-1), "z_loss_weight"),
         (dict(jitter_noise=1.5), "jitter_noise"),
+        (dict(capacity_priority="first"), "capacity_priority"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, name):
@@ -204,3 +206,38 @@ def test_capacity_is_prefix_consistent():
     for length in (1, 4, 7):
         prefix, _ = moe(x[:, :length])
         torch.testing.assert_close(prefix, full[:, :length], rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5, 1.0])
+@pytest.mark.parametrize("pieces", [[11], [4, 1, 1, 5], [1] * 11, [3, 8]])
+def test_decoding_in_pieces_equals_the_full_forward(capacity_factor, pieces):
+    moe = make_moe(capacity_factor=capacity_factor)
+    x = torch.randn(2, 11, 8, dtype=torch.float64)
+    full, _ = moe(x)
+    state, outputs, start = None, [], 0
+    for length in pieces:
+        y, state = moe.decode(x[:, start : start + length], state)
+        outputs.append(y)
+        start += length
+    torch.testing.assert_close(torch.cat(outputs, dim=1), full, rtol=0, atol=1e-13)
+    assert (state is None) == (capacity_factor is None)
+
+
+def test_gshard_capacity_is_flagged_and_lets_the_future_evict_the_past():
+    leaky = make_moe(capacity_factor=0.5, capacity_priority="gshard")
+    assert not leaky.is_causal and make_moe(capacity_factor=0.5).is_causal and make_moe().is_causal
+    torch.manual_seed(3)
+    x = torch.randn(4, 16, 8, dtype=torch.float64)
+    t = 3
+    changed = x.clone()
+    changed[:, t + 1 :] = 50 * torch.randn(4, 16 - t - 1, 8, dtype=torch.float64)
+    before, after = leaky(x)[0], leaky(changed)[0]
+    assert (before[:, : t + 1] - after[:, : t + 1]).abs().max() > 1e-6
+
+
+def test_gshard_serves_first_choices_before_second_choices():
+    # One sequence, k=2, E=2, capacity ceil(0.5 * 2 * 2 / 2) = 1 per expert.
+    index = torch.tensor([[[0, 1], [1, 0]]])  # token 0: first 0, second 1; token 1: first 1, second 0
+    keep = gshard_keep(index, torch.ones_like(index, dtype=torch.bool), 0.5, num_experts=2)
+    # Both first choices fit; token 0's second choice (expert 1) loses to token 1's first choice.
+    assert keep.tolist() == [[[True, False], [True, False]]]

@@ -1,0 +1,64 @@
+"""The leakage suite on every FFN layer, including the known-leaky ones as negative controls."""
+
+from functools import partial
+
+import pytest
+
+from lm_moe.causality import Checker, LayerSubject
+from lm_moe.layers import DenseFFN, SoftMoE, TopKMoE
+
+DIM = 8
+
+CAUSAL_LAYERS = {
+    "dense": partial(DenseFFN, DIM, 16),
+    "dense_swiglu": partial(DenseFFN, DIM, 16, activation="swiglu"),
+    "top2_dropless": partial(TopKMoE, DIM, 16, 4),
+    "top2_capacity": partial(TopKMoE, DIM, 16, 4, capacity_factor=0.5),
+    "top1_capacity_jitter": partial(TopKMoE, DIM, 16, 4, top_k=1, capacity_factor=1.0, jitter_noise=0.1),
+}
+
+# Known to see the future: the suite must report each of them as leaking, which proves it can fail.
+LEAKY_LAYERS = {
+    "naive_soft_moe": partial(SoftMoE, DIM, 16, 4),
+    "gshard_capacity": partial(TopKMoE, DIM, 16, 4, capacity_factor=0.5, capacity_priority="gshard"),
+}
+
+
+def run_checks(factory):
+    layer = factory().double()
+    return {(result.check, result.mode): result for result in Checker(LayerSubject(layer, DIM)).results()}
+
+
+@pytest.mark.parametrize("name", CAUSAL_LAYERS)
+def test_causal_layer_passes_every_check(name):
+    results = run_checks(CAUSAL_LAYERS[name])
+    leaks = [f"{check} ({mode}): {result.max_diff:.2e} {result.note}" for (check, mode), result in results.items() if result.leaks]
+    assert not leaks, leaks
+    assert results[("future perturbation", "eval")].verdict == "PASS"
+    assert results[("decode equivalence", "eval")].verdict == "PASS"
+
+
+@pytest.mark.parametrize("name", LEAKY_LAYERS)
+def test_known_leaky_layer_is_caught_by_the_forward_test(name):
+    results = run_checks(LEAKY_LAYERS[name])
+    assert results[("future perturbation", "eval")].verdict == "LEAK"
+    assert results[("future perturbation", "train")].verdict == "LEAK"
+    assert results[("prefix consistency", "eval")].verdict == "LEAK"
+    assert results[("decode equivalence", "eval")].verdict == "LEAK"
+
+
+def test_gradient_check_alone_is_blind_to_discrete_capacity_decisions():
+    # Why the forward test comes first: GShard's drops leak, yet no gradient flows through them.
+    results = run_checks(LEAKY_LAYERS["gshard_capacity"])
+    assert results[("jacobian", "eval")].verdict == "PASS"
+    assert results[("future perturbation", "eval")].verdict == "LEAK"
+
+
+def test_a_layer_that_ignores_the_future_entirely_is_not_vacuous_but_one_that_ignores_everything_is():
+    class Constant(DenseFFN):
+        def forward(self, x, mask=None):
+            y, aux = super().forward(x)
+            return 0 * y, aux
+
+    results = run_checks(partial(Constant, DIM, 16))
+    assert results[("future perturbation", "eval")].verdict == "VACUOUS"
