@@ -11,7 +11,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 
 from lm_moe.data.text import TextDataModule
-from lm_moe.lit.callbacks import Throughput
+from lm_moe.lit.callbacks import TextPredictionWriter, Throughput
 from lm_moe.lit.language_model import LanguageModel
 
 RUNS_DIR = "runs"
@@ -82,6 +82,10 @@ def main(args=None, run: bool = True) -> LanguageModelCLI:
         trainer_defaults={
             "default_root_dir": RUNS_DIR,
             "logger": {"class_path": "pytorch_lightning.loggers.TensorBoardLogger", "init_args": {"save_dir": RUNS_DIR, "name": "lm"}},
-            "callbacks": [LearningRateMonitor(logging_interval="step"), Throughput(unit="tokens", key="targets")],
+            "callbacks": [
+                LearningRateMonitor(logging_interval="step"),
+                Throughput(unit="tokens", key="targets"),
+                TextPredictionWriter(),
+            ],
         },
     )

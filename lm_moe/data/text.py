@@ -334,3 +334,7 @@ class TextDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """The validation split: the corpus has no separate test documents."""
         return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """The validation blocks, whose beginnings serve as prompts."""
+        return self.val_dataloader()

@@ -1,9 +1,13 @@
 """Training callbacks shared by the language model and the image classifier."""
 
+import json
 import time
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.utilities import rank_zero_info
 
 
 class Throughput(pl.Callback):
@@ -28,3 +32,25 @@ class Throughput(pl.Callback):
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._start = None  # validation time is not training time
+
+
+class TextPredictionWriter(BasePredictionWriter):
+    """Decodes what `predict` generated with the data module's tokenizer, appends it to
+    `<log dir>/predictions.jsonl` (one {"prompt", "generated"} per line) and prints the first few."""
+
+    def __init__(self, shown: int = 3):
+        super().__init__(write_interval="batch")
+        self.shown = shown
+        self._printed = 0
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        tokenizer = trainer.datamodule.tokenizer
+        path = Path(trainer.log_dir or trainer.default_root_dir) / "predictions.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as out:
+            for prompt, generated in zip(prediction["prompt_ids"].tolist(), prediction["generated_ids"].tolist()):
+                record = {"prompt": tokenizer.decode(prompt), "generated": tokenizer.decode(generated)}
+                out.write(json.dumps(record) + "\n")
+                if self._printed < self.shown:
+                    rank_zero_info(f"--- prompt ---\n{record['prompt']}\n--- generated ---\n{record['generated']}")
+                    self._printed += 1

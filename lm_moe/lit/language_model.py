@@ -1,5 +1,7 @@
 """The language-model training system: next-token loss + MoE aux losses, AdamW, metrics, logging."""
 
+from dataclasses import dataclass
+
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,21 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from lm_moe.lit.checkpoints import require_matching_state
 from lm_moe.lit.moe_metrics import moe_histograms, moe_scalars
 from lm_moe.lit.optim import build_adamw_with_schedule
+from lm_moe.models.generation import generate
 from lm_moe.models.gpt import GPT
+
+
+@dataclass
+class SamplingSettings:
+    """What `python -m lm_moe predict` generates: continuations of the first `prompt_tokens`
+    tokens of each validation block (temperature 0 = greedy)."""
+
+    prompt_tokens: int = 32
+    new_tokens: int = 64
+    temperature: float = 0.8
+    top_k: int | None = 50
+    top_p: float | None = None
+    seed: int = 0
 
 
 class LanguageModel(pl.LightningModule):
@@ -28,11 +44,14 @@ class LanguageModel(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
+        sampling: SamplingSettings = SamplingSettings(),
         **gpt_kwargs,
     ):
         """`gpt_kwargs` are GPT's arguments (n_layer, dim, ffn, moe_blocks, ...); the CLI shows them."""
         super().__init__()
         self.save_hyperparameters()
+        # Checkpoints store the settings as a dict; rebuild the dataclass when loading one.
+        self.sampling = sampling if isinstance(sampling, SamplingSettings) else SamplingSettings(**sampling)
         self.model = GPT(vocab_size, block_size, **gpt_kwargs)
         self.val_loss = torchmetrics.MeanMetric()
         self.test_loss = torchmetrics.MeanMetric()
@@ -81,6 +100,29 @@ class LanguageModel(pl.LightningModule):
         loss = self.test_loss.compute()
         self.test_loss.reset()
         self.log_dict({"test/loss": loss, "test/ppl": torch.exp(loss)})
+
+    def on_predict_start(self) -> None:
+        sampling = self.sampling
+        if sampling.prompt_tokens + sampling.new_tokens > self.model.block_size:
+            raise ValueError(
+                f"sampling.prompt_tokens {sampling.prompt_tokens} + sampling.new_tokens {sampling.new_tokens} "
+                f"exceed the model's block_size {self.model.block_size}"
+            )
+        self._sampling_generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        sampling = self.sampling
+        prompt = batch["input_ids"][:, : sampling.prompt_tokens]  # [B, P]
+        tokens = generate(
+            self.model,
+            prompt,
+            sampling.new_tokens,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            generator=self._sampling_generator,
+        )  # [B, P + new]
+        return {"prompt_ids": prompt, "generated_ids": tokens[:, prompt.shape[1] :]}
 
     def configure_optimizers(self) -> dict:
         hp = self.hparams

@@ -1,5 +1,6 @@
 """The language-model job end to end through the Lightning CLI, at toy sizes, offline."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,19 @@ def test_print_config_shows_the_linked_and_ffn_settings(capsys):
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "class_path: lm_moe.layers.TopKMoE" in printed and "block_size: 128" in printed
+
+
+def test_predict_writes_continuations_of_validation_prompts(trained_top2, monkeypatch):
+    work, cache = trained_top2
+    monkeypatch.chdir(work)
+    run_dir = work / "runs/top2/version_0"
+    args = ["predict", "-c", str(run_dir / "config.yaml"), f"--ckpt_path={run_dir}/checkpoints/last.ckpt",
+            "--trainer.limit_predict_batches=1", "--model.sampling.prompt_tokens=8", "--model.sampling.new_tokens=4"]
+    result = cli.main(args)
+    written = Path(result.trainer.log_dir) / "predictions.jsonl"
+    records = [json.loads(line) for line in written.read_text().splitlines()]
+    assert len(records) == 4  # one batch of data.batch_size prompts
+    assert all(record["prompt"] and "generated" in record for record in records)
+
+    with pytest.raises(ValueError, match="exceed the model's block_size 32"):
+        cli.main(args[:-1] + ["--model.sampling.new_tokens=40"])
