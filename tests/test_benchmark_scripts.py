@@ -42,3 +42,14 @@ def test_bench_train_compares_lightning_with_a_bare_loop(tmp_path):
     assert set(ratios) == {"dense: Lightning / bare loop", "top2: Lightning / bare loop", "top2 / dense (Lightning)"}
     assert all(ratio > 0 for ratio in ratios.values())
     assert "dense: Lightning / bare loop" in printed
+
+
+def test_bench_decode_reports_cached_and_recomputed_time_per_context(tmp_path):
+    out = tmp_path / "decode.json"
+    args = ["-c", "configs/lm/dense.yaml", "-c", "configs/lm/top2.yaml", "--contexts", "8", "16", "--steps=2",
+            "--repeats=1", f"--json={out}"]
+    printed = run_script("bench_decode.py", *args, cache_dir=tmp_path)
+    rows = json.loads(out.read_text())
+    assert [(row["config"], row["context"]) for row in rows] == [("dense", 8), ("dense", 16), ("top2", 8), ("top2", 16)]
+    assert all(row["speedup"] == row["recompute_ms_per_token"] / row["cached_ms_per_token"] for row in rows)
+    assert "cache speed-up" in printed

@@ -1,0 +1,103 @@
+"""Decoding speed with the cache against recomputing the full forward, per LM config.
+
+    python scripts/bench_decode.py                                  # every config under configs/lm/
+    python scripts/bench_decode.py -c configs/lm/top2.yaml --contexts 64 512 --json results/decode.json
+
+For each config and context length L: the time of one cached decoding step after a prefill of L
+tokens (mean over `--steps` steps) and the time of one full forward over L + 1 tokens (what
+decoding without a cache would cost per token). Batch `--batch` (raised to the layer's group size
+where Mixture of Tokens needs lock-step groups), fp32, eval mode, no gradients.
+"""
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from rich import box
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from lm_moe import cli
+from lm_moe.causality.subjects import ModelSubject
+from lm_moe.profiling.allocator import keep_freed_memory
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_model(config: Path, block_size: int):
+    overrides = [f"--data.block_size={block_size}", "--trainer.logger=false"]
+    return cli.main(["-c", str(config), *overrides], run=False).model.model.eval()
+
+
+@torch.no_grad()
+def cached_step_seconds(model, ids: torch.Tensor, context: int, steps: int) -> float:
+    """Mean seconds of one decoding step after a prefill of `context` tokens."""
+    cache = model.new_cache(ids.shape[0])
+    model(ids[:, :context], cache=cache)
+    start = time.perf_counter()
+    for i in range(steps):
+        model(ids[:, context + i : context + i + 1], cache=cache)
+    return (time.perf_counter() - start) / steps
+
+
+@torch.no_grad()
+def full_forward_seconds(model, ids: torch.Tensor, context: int, repeats: int) -> float:
+    """Median seconds of one forward over context + 1 tokens."""
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(ids[:, : context + 1])
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", type=Path, action="append", default=None, help="LM config (repeatable)")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[64, 128, 256, 512])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    if min(args.contexts) <= 0 or args.batch <= 0 or args.steps <= 0 or args.repeats <= 0:
+        parser.error("--contexts, --batch, --steps and --repeats must be positive")
+    configs = args.config or sorted((REPO / "configs/lm").glob("*.yaml"))
+    keep_freed_memory()
+    torch.manual_seed(0)
+    block_size = max(args.contexts) + args.steps + 1
+
+    rows = []
+    with Progress(transient=True) as progress:
+        task = progress.add_task("decoding", total=len(configs) * len(args.contexts))
+        for config in configs:
+            model = build_model(config, block_size)
+            batch = math.lcm(args.batch, ModelSubject(model).batch_multiple)
+            ids = torch.randint(0, model.vocab_size, (batch, block_size))
+            for context in args.contexts:
+                step = cached_step_seconds(model, ids, context, args.steps)
+                full = full_forward_seconds(model, ids, context, args.repeats)
+                rows.append({"config": config.stem, "batch": batch, "context": context,
+                             "cached_ms_per_token": 1e3 * step, "recompute_ms_per_token": 1e3 * full,
+                             "speedup": full / step})
+                progress.advance(task)
+
+    table = Table(title=f"decoding per token, fp32, {torch.get_num_threads()} threads", box=box.MARKDOWN)
+    for column in ("config", "batch", "context", "cached ms/token", "recompute ms/token", "cache speed-up"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["config"], str(row["batch"]), str(row["context"]), f"{row['cached_ms_per_token']:.2f}",
+                      f"{row['recompute_ms_per_token']:.2f}", f"{row['speedup']:.1f}x")
+    Console(width=200).print(table)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
