@@ -77,29 +77,35 @@ class LanguageModel(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        cross_entropy, _ = self._loss(batch)
-        self.val_loss.update(cross_entropy, weight=batch["targets"].numel())
+        self._accumulate(self.val_loss, batch)
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
-        self.val_loss.reset()
-        self.log_dict({"val/loss": loss, "val/ppl": torch.exp(loss), "hp_metric": loss}, prog_bar=True)
+        metrics = self._loss_and_perplexity(self.val_loss, "val")
+        self.log_dict({**metrics, "hp_metric": metrics["val/loss"]}, prog_bar=True)
         baseline = getattr(self.trainer.datamodule, "unigram_cross_entropy", None)
         if baseline is not None:
             self.log("val/unigram_baseline", baseline)
 
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._accumulate(self.test_loss, batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self._loss_and_perplexity(self.test_loss, "test"))
+
+    def _accumulate(self, metric: torchmetrics.MeanMetric, batch: dict[str, torch.Tensor]) -> None:
+        """Token-weighted mean cross-entropy over the epoch (synchronised across ranks)."""
+        cross_entropy, _ = self._loss(batch)
+        metric.update(cross_entropy, weight=batch["targets"].numel())
+
+    @staticmethod
+    def _loss_and_perplexity(metric: torchmetrics.MeanMetric, stage: str) -> dict[str, torch.Tensor]:
+        loss = metric.compute()
+        metric.reset()
+        return {f"{stage}/loss": loss, f"{stage}/ppl": torch.exp(loss)}
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Before Lightning loads the weights: a clear error instead of a wall of missing keys.
         require_matching_state(checkpoint["state_dict"], self.state_dict())
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        cross_entropy, _ = self._loss(batch)
-        self.test_loss.update(cross_entropy, weight=batch["targets"].numel())
-
-    def on_test_epoch_end(self) -> None:
-        loss = self.test_loss.compute()
-        self.test_loss.reset()
-        self.log_dict({"test/loss": loss, "test/ppl": torch.exp(loss)})
 
     def on_predict_start(self) -> None:
         sampling = self.sampling

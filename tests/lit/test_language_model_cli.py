@@ -174,3 +174,13 @@ def test_predict_writes_continuations_of_validation_prompts(trained_top2, monkey
 
     with pytest.raises(ValueError, match="exceed the model's block_size 32"):
         cli.main(args[:-1] + ["--model.sampling.new_tokens=40"])
+
+
+@pytest.mark.parametrize("subcommand, key", [("validate", "val/loss"), ("test", "test/loss")])
+def test_validate_and_test_a_checkpoint(trained_top2, monkeypatch, subcommand, key):
+    work, _ = trained_top2
+    monkeypatch.chdir(work)
+    run_dir = work / "runs/top2/version_0"
+    result = cli.main([subcommand, "-c", str(run_dir / "config.yaml"), f"--ckpt_path={run_dir}/checkpoints/last.ckpt"])
+    loss = result.trainer.callback_metrics[key]
+    assert torch.isfinite(loss) and result.trainer.callback_metrics[key.replace("loss", "ppl")] == pytest.approx(torch.exp(loss).item(), rel=1e-5)
