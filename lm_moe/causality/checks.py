@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-PASS, LEAK, VACUOUS, NOT_APPLICABLE = "PASS", "LEAK", "VACUOUS", "n/a"
+PASS, LEAK, VACUOUS, ERROR, NOT_APPLICABLE = "PASS", "LEAK", "VACUOUS", "ERROR", "n/a"
 
 
 @dataclass
@@ -28,12 +28,12 @@ class CheckResult:
     check: str
     mode: str  # "eval" or "train"
     max_diff: float  # the largest difference where there must be none (nan where not measured)
-    verdict: str  # PASS, LEAK, VACUOUS (the check could not have failed) or n/a
+    verdict: str  # PASS, LEAK, VACUOUS (the check could not have failed), ERROR (refused to run) or n/a
     note: str = ""
 
     @property
     def leaks(self) -> bool:
-        return self.verdict in (LEAK, VACUOUS)
+        return self.verdict in (LEAK, VACUOUS, ERROR)
 
 
 @dataclass
@@ -151,7 +151,11 @@ class Checker:
             full = self._run(x)
             with torch.no_grad():
                 for pieces in splits:
-                    worst = max(worst, _max_abs(self.subject.decode(x, pieces) - full))
+                    try:
+                        decoded = self.subject.decode(x, pieces)
+                    except ValueError as error:  # e.g. a layer that cannot decode without the future
+                        return CheckResult("decode equivalence", "eval", float("nan"), ERROR, f"decoding refused: {error}")
+                    worst = max(worst, _max_abs(decoded - full))
         return CheckResult("decode equivalence", "eval", worst, self._verdict(worst), f"batch {self.batch}, splits {splits[1][:3]}..., {splits[2][:4]}...")
 
     def batch_independence(self) -> CheckResult:

@@ -47,7 +47,7 @@ def print_table(title: str, results: list[CheckResult], console: Console) -> Non
     table = Table(title=title)
     for column in ("check", "mode", "max diff", "verdict", "what was checked"):
         table.add_column(column)
-    colours = {"PASS": "green", "LEAK": "bold red", "VACUOUS": "bold red", "n/a": "dim"}
+    colours = {"PASS": "green", "LEAK": "bold red", "VACUOUS": "bold red", "ERROR": "bold red", "n/a": "dim"}
     for result in results:
         diff = "-" if math.isnan(result.max_diff) else f"{result.max_diff:.1e}"
         verdict = f"[{colours[result.verdict]}]{result.verdict}[/]"

@@ -70,7 +70,8 @@ class ExpertWeights(nn.Module):
         nn.init.uniform_(self.w_in, -1 / math.sqrt(self.dim), 1 / math.sqrt(self.dim))
         nn.init.uniform_(self.w_out, -1 / math.sqrt(self.hidden_dim), 1 / math.sqrt(self.hidden_dim))
 
-    def _activate(self, h: torch.Tensor) -> torch.Tensor:
+    def activate(self, h: torch.Tensor) -> torch.Tensor:
+        """The nonlinearity between w_in and w_out: h [..., H or 2H] -> [..., H]."""
         if self.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             return F.silu(gate) * up
@@ -78,7 +79,7 @@ class ExpertWeights(nn.Module):
 
     def forward_batched(self, x: torch.Tensor) -> torch.Tensor:
         """Expert e on its own rows: x [E, n, D] -> [E, n, D]."""
-        h = self._activate(torch.bmm(x, self.w_in))  # [E, n, H]
+        h = self.activate(torch.bmm(x, self.w_in))  # [E, n, H]
         return torch.bmm(h, self.w_out)  # [E, n, D]
 
     def forward_grouped(self, x: torch.Tensor, rows_per_expert: torch.Tensor) -> torch.Tensor:
@@ -87,11 +88,11 @@ class ExpertWeights(nn.Module):
         x = x.to(dtype)
         if _grouped_mm_usable(x):
             offsets = rows_per_expert.cumsum(0).to(torch.int32)  # [E], end of each expert's rows
-            h = self._activate(F.grouped_mm(x, self.w_in.to(dtype), offs=offsets))  # [M, H]
+            h = self.activate(F.grouped_mm(x, self.w_in.to(dtype), offs=offsets))  # [M, H]
             return _ContiguousGrad.apply(F.grouped_mm(h, self.w_out.to(dtype), offs=offsets))  # [M, D]
         pieces = x.split(rows_per_expert.tolist())
         outputs = [
-            self._activate(piece @ self.w_in[e].to(dtype)) @ self.w_out[e].to(dtype)
+            self.activate(piece @ self.w_in[e].to(dtype)) @ self.w_out[e].to(dtype)
             for e, piece in enumerate(pieces)
         ]
         return torch.cat(outputs)  # [M, D]

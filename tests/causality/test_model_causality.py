@@ -14,7 +14,7 @@ from lm_moe.models import GPT
 REPO = Path(__file__).resolve().parents[2]
 LM_CONFIGS = sorted((REPO / "configs" / "lm").glob("*.yaml"))
 TINY = ["--model.n_layer=2", "--model.dim=32", "--model.n_head=2", "--model.dense_hidden_dim=64",
-        "--data.vocab_size=300", "--data.block_size=64", "--trainer.logger=false"]
+        "--data.vocab_size=300", "--data.block_size=256", "--trainer.logger=false"]
 
 
 def tiny_model(config: Path) -> GPT:

@@ -1,0 +1,197 @@
+import math
+
+import pytest
+import torch
+
+from lm_moe.layers import mixture_of_tokens as mot_module
+from lm_moe.layers.mixture_of_tokens import MixtureOfTokens
+
+from . import reference_tokens_segments as reference
+
+
+def make_mot(**kwargs) -> MixtureOfTokens:
+    defaults = dict(dim=8, hidden_dim=12, num_experts=3, slots_per_expert=2, group_size=2)
+    layer = MixtureOfTokens(**{**defaults, **kwargs}).double()
+    with torch.no_grad():
+        layer.scale.fill_(2.5)  # away from its init, so a forgotten scale shows
+    return layer
+
+
+def randn(*shape) -> torch.Tensor:
+    return torch.randn(*shape, dtype=torch.float64)
+
+
+def test_declares_causal_but_not_per_example_deterministic():
+    assert MixtureOfTokens.is_causal and not MixtureOfTokens.per_example_deterministic
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("num_experts, slots_per_expert, group_size", [(1, 1, 1), (3, 2, 2), (4, 1, 4), (2, 3, 3)])
+def test_output_and_gradients_match_the_loop_reference(activation, num_experts, slots_per_expert, group_size):
+    layer = make_mot(
+        num_experts=num_experts, slots_per_expert=slots_per_expert, group_size=group_size, activation=activation
+    )
+    x = randn(2 * group_size, 5, 8).requires_grad_()
+    y, aux = layer(x)
+    expected = reference.mixture_of_tokens(layer, x)
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-10)
+    assert aux.loss.item() == 0
+
+    params = [x, layer.experts.w_in, layer.experts.w_out, layer.slot_embeddings, layer.scale]
+    grads = torch.autograd.grad((y * torch.sin(y)).sum(), params)
+    ref_grads = torch.autograd.grad((expected * torch.sin(expected)).sum(), params)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def test_equivariant_to_permuting_the_rows_of_a_group():
+    layer = make_mot(group_size=4)
+    x = randn(8, 5, 8)
+    perm = torch.cat([torch.randperm(4), 4 + torch.randperm(4)])  # within each group
+    y, _ = layer(x)
+    y_perm, _ = layer(x[perm])
+    torch.testing.assert_close(y_perm, y[perm], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("pieces", [[9], [4, 1, 1, 3], [1] * 9, [2, 7]])
+def test_decoding_in_pieces_equals_the_full_forward(pieces):
+    layer = make_mot(group_size=2)
+    x = randn(4, 9, 8)
+    full, _ = layer(x)
+    state, outputs, start = None, [], 0
+    with torch.inference_mode():
+        for length in pieces:
+            y, state = layer.decode(x[:, start : start + length], state)
+            outputs.append(y)
+            start += length
+    torch.testing.assert_close(torch.cat(outputs, dim=1), full, rtol=0, atol=1e-10)
+
+
+def test_batch_must_be_a_multiple_of_the_group_size():
+    layer = make_mot(group_size=4)
+    x = randn(6, 3, 8)
+    for run in (lambda: layer(x), lambda: layer.decode(x, None)):
+        with pytest.raises(ValueError, match=r"B=6.*group_size=4"):
+            run()
+
+
+@pytest.mark.parametrize("t", [0, 1, 4, 10])
+def test_future_perturbation_changes_only_the_future(t):
+    layer = make_mot(group_size=2)
+    x = randn(4, 11, 8)
+    changed = x.clone()
+    changed[:, t + 1 :] = 10 * randn(4, 10 - t, 8)
+    before, after = layer(x)[0], layer(changed)[0]
+    torch.testing.assert_close(after[:, : t + 1], before[:, : t + 1], rtol=0, atol=0)
+    if t < 10:
+        assert (after[:, t + 1 :] - before[:, t + 1 :]).abs().amax(dim=-1).min() > 1e-6
+
+
+def test_a_batch_mate_changes_this_row_but_never_its_past_from_the_mates_future():
+    layer = make_mot(group_size=2)
+    x = randn(4, 8, 8)
+    y, _ = layer(x)
+    # Another mate: row 0 changes, not per-example deterministic.
+    other_mate = x.clone()
+    other_mate[1] = randn(8, 8)
+    assert (layer(other_mate)[0][0] - y[0]).abs().amax(dim=-1).min() > 1e-6
+    # The mate's future: row 0 keeps its past exactly, its future changes.
+    t = 3
+    mate_future = x.clone()
+    mate_future[1, t + 1 :] = 10 * randn(8 - t - 1, 8)
+    after, _ = layer(mate_future)
+    torch.testing.assert_close(after[0, : t + 1], y[0, : t + 1], rtol=0, atol=0)
+    assert (after[0, t + 1 :] - y[0, t + 1 :]).abs().amax(dim=-1).min() > 1e-6
+    # Rows of other groups never matter.
+    torch.testing.assert_close(after[2:], y[2:], rtol=0, atol=0)
+
+
+def test_overlapping_windows_in_a_group_leak_the_next_token():
+    # Why the data loader packs non-overlapping blocks: if row 1 is row 0 shifted by one token,
+    # row 0's output at t reads row 1's token t, which is row 0's own token t+1.
+    layer = make_mot(group_size=2)
+    T, t = 8, 3
+    text = randn(T + 1, 8)
+
+    def row0_output_at_t(stream: torch.Tensor, mate: torch.Tensor) -> torch.Tensor:
+        return layer(torch.stack([stream[:T], mate]))[0][0, t]
+
+    changed = text.clone()
+    changed[t + 1] = 10 * randn(8)  # this row's next token
+    leaked = row0_output_at_t(changed, changed[1:]) - row0_output_at_t(text, text[1:])
+    assert leaked.abs().max() > 1e-6, "the next token reached position t through the batch"
+
+    independent_mate = randn(T, 8)
+    unchanged = row0_output_at_t(changed, independent_mate) - row0_output_at_t(text, independent_mate)
+    assert unchanged.abs().max() == 0
+
+
+def test_padding_takes_no_part_and_leaves_valid_outputs_unchanged():
+    layer = make_mot(group_size=2)
+    x = randn(4, 7, 8)
+    mask = torch.ones(4, 7, dtype=torch.bool)
+    mask[0, 4:] = False
+    mask[2, 2:] = False
+    mask[3, 5:] = False  # group 1 is fully padded at positions 5 and 6
+    y, aux = layer(x, mask)
+    torch.testing.assert_close(y, reference.mixture_of_tokens(layer, x, mask), rtol=0, atol=1e-10)
+    # Whatever the padding holds, valid outputs stay, padded outputs are 0.
+    garbage = torch.where(mask.unsqueeze(-1), x, 100 * randn(4, 7, 8))
+    y_garbage, _ = layer(garbage, mask)
+    torch.testing.assert_close(y_garbage, y, rtol=0, atol=0)
+    assert y[~mask].abs().max() == 0
+    # A row padded where its mate is too gives the outputs of the shorter sequences.
+    short, _ = layer(x[2:, :2])
+    torch.testing.assert_close(y[2:, :2], short, rtol=0, atol=1e-12)
+    assert all(torch.isfinite(value).all() for value in aux.stats.values())
+
+
+def test_stats_describe_the_routing():
+    layer = make_mot(num_experts=4, slots_per_expert=1, group_size=4)
+    with torch.no_grad():
+        layer.scale.fill_(0.0)  # all logits 0: uniform dispatch and combine
+    _, aux = layer(randn(4, 5, 8))
+    assert aux.stats["dispatch_entropy"].item() == pytest.approx(math.log(4))
+    assert aux.stats["combine_entropy"].item() == pytest.approx(math.log(4))
+    torch.testing.assert_close(aux.stats["slot_usage"], torch.full((4,), 0.25))
+    assert aux.stats["slot_usage_spread"].item() == pytest.approx(0.0, abs=1e-6)
+    assert all(not value.requires_grad for value in aux.stats.values())
+
+
+def test_bf16_autocast_keeps_router_in_fp32(monkeypatch):
+    layer = MixtureOfTokens(16, 32, 4, slots_per_expert=2, group_size=2)
+    seen = []
+    original = mot_module.soft_routing_logits
+
+    def spy(*args):
+        logits = original(*args)
+        seen.append(logits.dtype)
+        return logits
+
+    monkeypatch.setattr(mot_module, "soft_routing_logits", spy)
+    x = torch.randn(4, 8, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = layer(x)
+        y.float().square().mean().backward()
+    assert seen == [torch.float32] and aux.loss.dtype == torch.float32
+    assert y.dtype == torch.bfloat16
+    assert torch.isfinite(x.grad).all() and layer.slot_embeddings.grad.dtype == torch.float32
+    y32, _ = layer(x)
+    torch.testing.assert_close(y.float(), y32, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(num_experts=0), "num_experts"),
+        (dict(slots_per_expert=0), "slots_per_expert"),
+        (dict(group_size=0), "group_size"),
+        (dict(group_size=1.5), "group_size"),
+        (dict(hidden_dim=-2), "hidden_dim"),
+        (dict(dim=0), "dim"),
+        (dict(activation="silu"), "activation"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        make_mot(**kwargs)
