@@ -5,7 +5,15 @@ from functools import partial
 import pytest
 
 from lm_moe.causality import Checker, LayerSubject
-from lm_moe.layers import DenseFFN, MixtureOfTokens, SegmentMergedMoE, SoftMoE, TopKMoE
+from lm_moe.layers import (
+    CumulativeSoftMoE,
+    DenseFFN,
+    LaggedChunkSoftMoE,
+    MixtureOfTokens,
+    SegmentMergedMoE,
+    SoftMoE,
+    TopKMoE,
+)
 
 DIM = 8
 
@@ -15,6 +23,10 @@ CAUSAL_LAYERS = {
     "top2_dropless": partial(TopKMoE, DIM, 16, 4),
     "top2_capacity": partial(TopKMoE, DIM, 16, 4, capacity_factor=0.5),
     "top1_capacity_jitter": partial(TopKMoE, DIM, 16, 4, top_k=1, capacity_factor=1.0, jitter_noise=0.1),
+    "cumulative": partial(CumulativeSoftMoE, DIM, 16, 4),
+    "cumulative_2_slots_decay": partial(CumulativeSoftMoE, DIM, 16, 3, slots_per_expert=2, decay=0.9),
+    "lagged_chunk_prefix": partial(LaggedChunkSoftMoE, DIM, 16, 4, chunk_size=4),
+    "lagged_chunk_previous": partial(LaggedChunkSoftMoE, DIM, 16, 3, slots_per_expert=2, chunk_size=5, summary="previous"),
     "mixture_of_tokens": partial(MixtureOfTokens, DIM, 16, 4, group_size=2),
     "mixture_of_tokens_2_slots": partial(MixtureOfTokens, DIM, 16, 3, slots_per_expert=2, group_size=3),
     "segment_merged": partial(SegmentMergedMoE, DIM, 16, 4, segment_size=4),

@@ -1,0 +1,218 @@
+"""Lagged-chunk Soft MoE: a causal Soft MoE whose slots are built once per chunk of time and read
+by the next chunk, plus a dense shared expert on every token (DESIGN.md section 4, V2).
+
+Notation: B batch, T tokens, D width, E experts, P slots per expert, S = E*P slots, H expert
+hidden width, H_sh the shared expert's hidden width, C chunk length, K = ceil(T / C) chunks,
+k(t) = t // C the chunk of token t.
+
+    L[b, t, s]    = <normalize(x[b, t]), scale * normalize(phi[:, s])>    router logits, |L| <= |scale|
+    w[b, t, s]    = exp(L[b, t, s] - |scale|)                              in (0, 1]: a fixed shift
+    pool(j)       = tokens of chunks 0..j  (summary="prefix")  or  of chunk j only  (summary="previous")
+    slot_in[b, j] = sum_{tau in pool(j)} w[b, tau] x[b, tau] / sum_{tau in pool(j)} w[b, tau]   [B, K, S, D]
+    O[b, j, s]    = expert_{s // P}(slot_in[b, j, s])                      [B, K, S, D]
+    O[b, -1]      = null_outputs                                           learned, [S, D]
+    y[b, t]       = shared(x[b, t]) + sum_s softmax_s(L[b, t, :]) O[b, k(t) - 1, s]               [B, T, D]
+
+Token t reads only the summary of the chunk before its own, which holds tokens < C*k(t) <= t:
+causal by construction. (Reading its own chunk's summary would show it the rest of its chunk: a
+leak.) The first chunk reads the learned null outputs; the shared expert gives every token its own
+nonlinear path. The fixed shift |scale| (the logits' bound) replaces a running max, so w never
+overflows and the per-chunk sums stay exactly causal; it cancels in the slot input.
+
+Cost: experts run once per (chunk, slot), T*S/C expert calls per sequence, i.e. S/C per token,
+plus the shared expert: per-token FLOPs of a dense FFN of width H_sh + S*H/C, while the parameters
+grow with E. Parameters: E experts (2*D*H each, 3*D*H for SwiGLU), the shared expert (2*D*H_sh),
+phi [D, S], the scale and the null outputs [S, D].
+Decoding: the state holds the sums feeding the next summary ([B, S, D] and [B, S]) and the outputs
+the current chunk reads ([B, S, D]). A token costs O(S*D) (add w x to the sums, combine the stored
+outputs) plus the shared expert; whenever a chunk completes, a burst of S expert calls builds the
+outputs the next chunk reads.
+
+Precision: logits, w, the sums and the slot inputs are fp32 (float64 stays float64), also under
+autocast; only the experts and the combine run in the autocast dtype.
+"""
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lm_moe.layers.checks import require_choice, require_positive_int
+from lm_moe.layers.ffn import ExpertWeights, compute_dtype
+from lm_moe.layers.layer_output import LayerAux
+from lm_moe.layers.routing import masked_mean
+from lm_moe.layers.soft_moe import entropy, soft_routing_logits
+
+SUMMARIES = ("prefix", "previous")
+
+
+class LaggedChunkState(NamedTuple):
+    """Decoding state of `LaggedChunkSoftMoE` after `length` tokens."""
+
+    length: int
+    num: torch.Tensor  # [B, S, D] sum of w x over the tokens that feed the next summary (fp32 or wider)
+    den: torch.Tensor  # [B, S] sum of w over the same tokens
+    lagged_outputs: torch.Tensor  # [B, S, D] O of the previous chunk: what the current chunk combines
+
+
+class LaggedChunkSoftMoE(nn.Module):
+    """Causal Soft MoE with per-chunk slots read one chunk later, plus a dense shared expert:
+    x [B, T, D] -> (y [B, T, D], LayerAux with zero loss). See the module docstring for the math.
+
+    chunk_size: C, tokens per chunk (any T works, including T % C != 0).
+    summary: "prefix" (slots pool all earlier chunks) or "previous" (the previous chunk only).
+    shared_hidden_dim: hidden width of the shared expert (None = hidden_dim).
+    `mask` [B, T] (True = real token, padding at the end of rows) keeps padding out of every slot;
+    padded positions output 0. aux.stats: dispatch_entropy (of each slot's weights over its pooled
+    tokens, mean over the summaries some token reads), combine_entropy, slot_usage [S] (mean combine
+    weight) and slot_usage_spread (its coefficient of variation: 0 = every slot used equally).
+    """
+
+    is_causal = True  # chunk k reads summaries of chunks < k only
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        num_experts: int,
+        slots_per_expert: int = 1,
+        chunk_size: int = 16,
+        summary: str = "prefix",
+        shared_hidden_dim: int | None = None,
+        activation: str = "gelu",
+    ):
+        super().__init__()
+        self.num_experts = require_positive_int("num_experts", num_experts)
+        self.slots_per_expert = require_positive_int("slots_per_expert", slots_per_expert)
+        self.chunk_size = require_positive_int("chunk_size", chunk_size)
+        require_choice("summary", summary, SUMMARIES)
+        self.summary = summary
+        if shared_hidden_dim is None:
+            shared_hidden_dim = hidden_dim
+        require_positive_int("shared_hidden_dim", shared_hidden_dim)
+        self.num_slots = num_experts * slots_per_expert
+        self.experts = ExpertWeights(num_experts, dim, hidden_dim, activation)
+        self.shared = ExpertWeights(1, dim, shared_hidden_dim, activation)
+        self.slot_embeddings = nn.Parameter(torch.randn(dim, self.num_slots) * dim**-0.5)  # phi [D, S]
+        self.scale = nn.Parameter(torch.ones(()))
+        self.null_outputs = nn.Parameter(torch.zeros(self.num_slots, dim))  # what chunk 0 reads
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
+        B, T, D = x.shape
+        S, C = self.num_slots, self.chunk_size
+        K = math.ceil(T / C)
+        pad = K * C - T
+        dtype = compute_dtype(x)
+        logits = soft_routing_logits(x, self.slot_embeddings, self.scale)  # [B, T, S]
+        weights = self._dispatch_weights(logits)  # [B, T, S]
+        if mask is not None:
+            weights = weights * mask.unsqueeze(-1)
+
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            chunk_weights = F.pad(weights, (0, 0, 0, pad)).view(B, K, C, S)  # [B, K, C, S]
+            chunk_x = F.pad(x.to(weights.dtype), (0, 0, 0, pad)).reshape(B, K, C, D)  # [B, K, C, D]
+            num = chunk_weights.transpose(2, 3) @ chunk_x  # [B, K, S, D]
+            den = chunk_weights.sum(dim=2)  # [B, K, S]
+        if self.summary == "prefix":
+            num, den = num.cumsum(dim=1), den.cumsum(dim=1)
+        # Chunk k reads the outputs of chunk k-1; nobody here reads the last chunk's.
+        outputs = self._slot_outputs(num[:, :-1], den[:, :-1], dtype)  # [B, K-1, S, D]
+        null = self.null_outputs.to(dtype).expand(B, 1, S, D)  # [B, 1, S, D]
+        lagged = torch.cat([null, outputs], dim=1)  # [B, K, S, D]
+
+        combine = logits.softmax(dim=-1)  # [B, T, S]
+        chunk_combine = F.pad(combine.to(dtype), (0, 0, 0, pad)).view(B, K, C, S)  # [B, K, C, S]
+        routed = (chunk_combine @ lagged).view(B, K * C, D)[:, :T]  # [B, T, D]
+        y = self._shared(x) + routed  # [B, T, D]
+        if mask is not None:
+            y = y * mask.unsqueeze(-1)
+        aux = LayerAux.empty(x)
+        aux.stats = self._stats(logits, weights, combine, mask)
+        return y, aux
+
+    def decode(self, x: torch.Tensor, state: LaggedChunkState | None) -> tuple[torch.Tensor, LaggedChunkState]:
+        """The next t >= 1 tokens x [B, t, D] of each sequence, after the `state.length` tokens
+        summed in `state` (None at the start) -> (y [B, t, D], the state after them). Equals
+        `forward` on the whole sequence. Loops over the chunks these tokens touch."""
+        B, T, D = x.shape
+        dtype = compute_dtype(x)
+        logits = soft_routing_logits(x, self.slot_embeddings, self.scale)  # [B, t, S]
+        weights = self._dispatch_weights(logits)  # [B, t, S]
+        combine = logits.softmax(dim=-1).to(dtype)  # [B, t, S]
+        if state is None:
+            state = LaggedChunkState(
+                0,
+                weights.new_zeros(B, self.num_slots, D),
+                weights.new_zeros(B, self.num_slots),
+                self.null_outputs.to(dtype).expand(B, -1, -1),
+            )
+
+        routed = []
+        start = 0
+        while start < T:
+            # The tokens up to the end of the current chunk all read the same lagged outputs.
+            stop = min(T, start + self.chunk_size - state.length % self.chunk_size)
+            routed.append(combine[:, start:stop] @ state.lagged_outputs)  # [B, n, D]
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                chunk_weights = weights[:, start:stop]  # [B, n, S]
+                num = state.num + chunk_weights.transpose(1, 2) @ x[:, start:stop].to(weights.dtype)  # [B, S, D]
+                den = state.den + chunk_weights.sum(dim=1)  # [B, S]
+            length, lagged = state.length + stop - start, state.lagged_outputs
+            if length % self.chunk_size == 0:  # the chunk is complete: build what the next one reads
+                lagged = self._slot_outputs(num.unsqueeze(1), den.unsqueeze(1), dtype).squeeze(1)  # [B, S, D]
+                if self.summary == "previous":
+                    num, den = torch.zeros_like(num), torch.zeros_like(den)
+            state = LaggedChunkState(length, num, den, lagged)
+            start = stop
+        return self._shared(x) + torch.cat(routed, dim=1), state
+
+    def _dispatch_weights(self, logits: torch.Tensor) -> torch.Tensor:
+        """w = exp(L - |scale|) [B, T, S]. The shift is a constant that cancels in the slot
+        inputs, so it carries no gradient."""
+        return torch.exp(logits - self.scale.detach().abs().to(logits.dtype))
+
+    def _slot_outputs(self, num: torch.Tensor, den: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Summaries num [B, n, S, D], den [B, n, S] -> expert outputs O [B, n, S, D], all experts
+        in one batched matmul."""
+        B, n, S, D = num.shape
+        E, P = self.num_experts, self.slots_per_expert
+        # den = 0 only where a slot saw nothing (fully padded row, underflow): input 0, not NaN.
+        slot_in = num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(-1)  # [B, n, S, D]
+        expert_in = slot_in.to(dtype).permute(2, 0, 1, 3).reshape(E, P * B * n, D)  # [E, P*B*n, D]
+        return self.experts.forward_batched(expert_in).view(S, B, n, D).permute(1, 2, 0, 3)  # [B, n, S, D]
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense shared expert on every token: x [B, T, D] -> [B, T, D]."""
+        return self.shared.forward_batched(x.reshape(1, -1, x.shape[-1])).view(x.shape)
+
+    @torch.no_grad()
+    def _stats(
+        self, logits: torch.Tensor, weights: torch.Tensor, combine: torch.Tensor, mask: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        B, T, S = logits.shape
+        C = self.chunk_size
+        K = math.ceil(T / C)
+        # Entropy of each read summary's weights, from sums alone: H = log den - sum w log w / den,
+        # with log w = L - |scale|. Summary j is read by chunk j + 1: count it where that chunk's
+        # first token is real.
+        log_weights = logits - self.scale.abs().to(logits.dtype)  # [B, T, S]
+        pad = K * C - T
+        den = F.pad(weights, (0, 0, 0, pad)).view(B, K, C, S).sum(dim=2)  # [B, K, S]
+        tilted = F.pad(weights * log_weights, (0, 0, 0, pad)).view(B, K, C, S).sum(dim=2)  # [B, K, S]
+        if self.summary == "prefix":
+            den, tilted = den.cumsum(dim=1), tilted.cumsum(dim=1)
+        den = den[:, :-1].clamp_min(torch.finfo(den.dtype).tiny)  # [B, K-1, S]
+        dispatch_entropy = den.log() - tilted[:, :-1] / den  # [B, K-1, S]
+        read = torch.ones(B, K - 1, dtype=torch.bool, device=logits.device) if mask is None else mask[:, C::C]
+
+        valid = None if mask is None else mask.reshape(-1)  # [B*T]
+        per_token_combine = combine.reshape(-1, S)  # [B*T, S]
+        slot_usage = masked_mean(per_token_combine, valid)  # [S], sums to 1
+        return {
+            "dispatch_entropy": masked_mean(dispatch_entropy.mean(-1).reshape(-1), read.reshape(-1)).float(),
+            "combine_entropy": masked_mean(entropy(per_token_combine, dim=-1), valid).float(),
+            "slot_usage": slot_usage.float(),
+            "slot_usage_spread": (slot_usage.std(correction=0) / slot_usage.mean()).float(),
+        }

@@ -1,0 +1,215 @@
+import math
+
+import pytest
+import torch
+
+from lm_moe.layers import cumulative_soft_moe as cumulative_module
+from lm_moe.layers.cumulative_soft_moe import CumulativeSoftMoE
+
+from . import reference_causal_soft_moe as reference
+
+DIM = 8
+
+
+def make_layer(**kwargs) -> CumulativeSoftMoE:
+    defaults = dict(dim=DIM, hidden_dim=12, num_experts=3, slots_per_expert=2)
+    layer = CumulativeSoftMoE(**{**defaults, **kwargs}).double()
+    with torch.no_grad():
+        layer.scale.fill_(2.5)  # away from its init, so a forgotten scale shows
+    return layer
+
+
+def decode_in_pieces(layer, x: torch.Tensor, pieces: list[int]):
+    """Decode x [B, T, D] in pieces of the given lengths, then one token at a time."""
+    outputs, states, state, start = [], [], None, 0
+    with torch.inference_mode():
+        for length in pieces + [1] * (x.shape[1] - sum(pieces)):
+            y, state = layer.decode(x[:, start : start + length], state)
+            outputs.append(y)
+            states.append(state)
+            start += length
+    return torch.cat(outputs, dim=1), states
+
+
+def test_is_declared_causal():
+    assert CumulativeSoftMoE.is_causal is True
+
+
+@pytest.mark.parametrize("decay", [None, 0.7])
+@pytest.mark.parametrize(
+    "activation, num_experts, slots_per_expert, T",
+    [("gelu", 3, 2, 37), ("swiglu", 3, 2, 37), ("gelu", 1, 1, 5), ("gelu", 4, 1, 70)],
+)
+def test_output_and_gradients_match_the_loop_reference(decay, activation, num_experts, slots_per_expert, T):
+    # T = 37 and 70 cut time into several blocks of the prefix sums, the last one padded.
+    layer = make_layer(num_experts=num_experts, slots_per_expert=slots_per_expert, activation=activation, decay=decay)
+    x = torch.randn(2, T, DIM, dtype=torch.float64, requires_grad=True)
+    y, aux = layer(x)
+    expected = reference.cumulative_soft_moe(layer, x)
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-10)
+    assert aux.loss.item() == 0
+
+    params = [x, layer.experts.w_in, layer.experts.w_out, layer.slot_embeddings, layer.scale]
+    grads = torch.autograd.grad((y * torch.sin(y)).sum(), params)
+    ref_grads = torch.autograd.grad((expected * torch.sin(expected)).sum(), params)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("decay", [None, 0.7])
+@pytest.mark.parametrize("pieces", [[], [1], [3], [5], [7], [32], [33], [2, 3, 7], [31, 1, 9]])
+def test_decoding_in_any_pieces_reproduces_forward(decay, pieces):
+    # Prefill lengths that are not multiples of E = 3; 32 positions fill one block of the prefix
+    # sums, 33 need two.
+    layer = make_layer(decay=decay)
+    x = torch.randn(2, 45, DIM, dtype=torch.float64)
+    expected, _ = layer(x)
+    decoded, states = decode_in_pieces(layer, x, pieces)
+    torch.testing.assert_close(decoded, expected, rtol=0, atol=1e-10)
+    # The state is (num, den) of the last position, whatever the length: it does not grow.
+    for state in states:
+        assert state.num.shape == (2, layer.num_slots, DIM) and state.den.shape == (2, layer.num_slots)
+
+
+@pytest.mark.parametrize("decay", [None, 0.7])
+@pytest.mark.parametrize("t", [0, 1, 21, 22, 23, 44])
+def test_future_tokens_do_not_change_earlier_outputs(decay, t):
+    # T = 45 is cut into blocks of 23 positions (the last one padded): probe around the edge at 23.
+    layer = make_layer(decay=decay)
+    x = torch.randn(2, 45, DIM, dtype=torch.float64)
+    changed = x.clone()
+    changed[:, t + 1 :] = 100 * torch.randn_like(changed[:, t + 1 :])
+    y, _ = layer(x)
+    y_changed, _ = layer(changed)
+    assert torch.equal(y[:, : t + 1], y_changed[:, : t + 1])
+    assert ((y - y_changed)[:, t + 1 :].abs().amax(dim=-1) > 1e-6).all(), "every later output must change"
+
+
+def test_jacobian_has_no_entries_above_the_diagonal():
+    layer = make_layer(decay=0.8)
+    x = torch.randn(1, 36, DIM, dtype=torch.float64, requires_grad=True)
+    y, _ = layer(x)
+    for t in [0, 17, 18, 19, 35]:  # blocks of 18 positions
+        (grad,) = torch.autograd.grad(y[0, t].sum(), x, retain_graph=True)
+        assert grad[0, t + 1 :].abs().sum() == 0
+        assert grad[0, : t + 1].abs().amax(dim=-1).min() > 0  # every earlier token feeds the slots
+
+
+def test_padding_mask_keeps_padding_out_of_every_slot():
+    layer = make_layer(decay=0.9)
+    x = torch.randn(3, 40, DIM, dtype=torch.float64)
+    mask = torch.ones(3, 40, dtype=torch.bool)
+    mask[0, 25:] = False
+    mask[2, :] = False  # a fully padded row must not produce NaN
+    y, aux = layer(x, mask)
+    short, _ = layer(x[:1, :25])
+    unmasked, _ = layer(x)
+    torch.testing.assert_close(y[:1, :25], short, rtol=0, atol=1e-12)
+    torch.testing.assert_close(y[:2][mask[:2]], unmasked[:2][mask[:2]], rtol=0, atol=1e-12)
+    assert y[~mask].abs().max() == 0
+    assert all(torch.isfinite(value).all() for value in aux.stats.values())
+
+
+def test_independent_of_other_rows_of_the_batch():
+    layer = make_layer()
+    x = torch.randn(4, 20, DIM, dtype=torch.float64)
+    alone, _ = layer(x[1:2])
+    in_batch, _ = layer(x)
+    other_mates, _ = layer(torch.cat([10 * torch.randn(1, 20, DIM, dtype=torch.float64), x[1:2]]))
+    torch.testing.assert_close(in_batch[1:2], alone, rtol=0, atol=1e-13)
+    torch.testing.assert_close(other_mates[1:2], alone, rtol=0, atol=1e-13)
+
+
+def test_decay_is_stable_on_sequences_where_its_closed_form_overflows():
+    # 0.5^-1500 overflows even float64: the blocked sums never form it.
+    layer = make_layer(decay=0.5)
+    x = torch.randn(1, 1500, DIM, dtype=torch.float64)
+    y, aux = layer(x)
+    assert torch.isfinite(y).all() and all(torch.isfinite(value).all() for value in aux.stats.values())
+    positions = [0, 700, 1499]
+    torch.testing.assert_close(y[:, positions], reference.cumulative_soft_moe(layer, x, positions), rtol=0, atol=1e-10)
+
+
+def test_decay_makes_slots_forget_old_tokens():
+    x = torch.randn(1, 60, DIM, dtype=torch.float64)
+    old_changed = x.clone()
+    old_changed[:, :50] = torch.randn(1, 50, DIM, dtype=torch.float64)
+
+    def change_of_last_output(decay):
+        layer = make_layer(decay=decay)
+        y, y_changed = layer(x)[0][0, -1], layer(old_changed)[0][0, -1]
+        return ((y - y_changed).norm() / y.norm()).item()
+
+    assert change_of_last_output(None) > 1e-2  # the plain mean keeps all 60 tokens
+    assert change_of_last_output(0.1) < 1e-6  # weight 0.1^10 for a token 10 steps back
+
+
+def test_stats_describe_the_routing():
+    layer = make_layer(num_experts=4, slots_per_expert=1)
+    with torch.no_grad():
+        layer.scale.fill_(0.0)  # all logits 0: uniform dispatch over each prefix and uniform combine
+    T = 9
+    _, aux = layer(torch.randn(2, T, DIM, dtype=torch.float64))
+    mean_prefix_entropy = sum(math.log(t + 1) for t in range(T)) / T
+    assert aux.stats["dispatch_entropy"].item() == pytest.approx(mean_prefix_entropy)
+    assert aux.stats["combine_entropy"].item() == pytest.approx(math.log(4))
+    torch.testing.assert_close(aux.stats["slot_usage"], torch.full((4,), 0.25))
+    assert aux.stats["slot_usage_spread"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_dispatch_entropy_with_decay_matches_the_explicit_dispatch():
+    layer = make_layer(decay=0.6)
+    x = torch.randn(2, 40, DIM, dtype=torch.float64)
+    _, aux = layer(x)
+    logits = reference.routing_logits(layer, x)
+    entropies = []
+    for t in range(40):
+        age = torch.arange(t, -1, -1, dtype=torch.float64).view(1, -1, 1)
+        dispatch = torch.softmax(logits[:, : t + 1] + age * math.log(0.6), dim=1)  # [B, t+1, S]
+        entropies.append(-(dispatch * dispatch.log()).sum(dim=1).mean())
+    expected = torch.stack(entropies).mean().item()
+    assert aux.stats["dispatch_entropy"].item() == pytest.approx(expected, rel=1e-6)  # stats are fp32
+
+
+@pytest.mark.parametrize("decay", [None, 0.9])
+def test_bf16_autocast_keeps_routing_and_sums_in_fp32(monkeypatch, decay):
+    layer = CumulativeSoftMoE(16, 32, 4, slots_per_expert=2, decay=decay)
+    seen = []
+    original = cumulative_module.soft_routing_logits
+
+    def spy(*args):
+        logits = original(*args)
+        seen.append(logits.dtype)
+        return logits
+
+    monkeypatch.setattr(cumulative_module, "soft_routing_logits", spy)
+    x = torch.randn(2, 40, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = layer(x)
+        y.float().square().mean().backward()
+        with torch.inference_mode():
+            _, state = layer.decode(x[:, :5], None)
+    assert seen == [torch.float32, torch.float32] and aux.loss.dtype == torch.float32
+    assert state.num.dtype == torch.float32 and state.den.dtype == torch.float32
+    assert y.dtype == torch.bfloat16
+    assert torch.isfinite(x.grad).all() and layer.slot_embeddings.grad.dtype == torch.float32
+    y32, _ = layer(x)
+    torch.testing.assert_close(y.float(), y32, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(num_experts=0), "num_experts"),
+        (dict(slots_per_expert=0), "slots_per_expert"),
+        (dict(hidden_dim=-2), "hidden_dim"),
+        (dict(activation="silu"), "activation"),
+        (dict(decay=0.0), "decay"),
+        (dict(decay=1.0), "decay"),
+        (dict(decay=-0.5), "decay"),
+        (dict(decay="0.9"), "decay"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        make_layer(**kwargs)

@@ -1,0 +1,233 @@
+import math
+
+import pytest
+import torch
+
+from lm_moe.layers import lagged_chunk_soft_moe as lagged_module
+from lm_moe.layers.lagged_chunk_soft_moe import LaggedChunkSoftMoE
+
+from . import reference_causal_soft_moe as reference
+
+DIM = 8
+C = 4  # chunk size of the small test layers
+
+
+def make_layer(**kwargs) -> LaggedChunkSoftMoE:
+    defaults = dict(dim=DIM, hidden_dim=12, num_experts=3, slots_per_expert=2, chunk_size=C, shared_hidden_dim=6)
+    layer = LaggedChunkSoftMoE(**{**defaults, **kwargs}).double()
+    with torch.no_grad():
+        layer.scale.fill_(2.5)  # away from its init, so a forgotten scale shows
+        layer.null_outputs.normal_()  # away from its zero init, so forgotten null outputs show
+    return layer
+
+
+def without_shared_expert(layer: LaggedChunkSoftMoE) -> LaggedChunkSoftMoE:
+    """Zero the shared expert, so that the output is the slots' contribution alone."""
+    with torch.no_grad():
+        layer.shared.w_out.zero_()
+    return layer
+
+
+def decode_in_pieces(layer, x: torch.Tensor, pieces: list[int]):
+    """Decode x [B, T, D] in pieces of the given lengths, then one token at a time."""
+    outputs, state, start = [], None, 0
+    with torch.inference_mode():
+        for length in pieces + [1] * (x.shape[1] - sum(pieces)):
+            y, state = layer.decode(x[:, start : start + length], state)
+            outputs.append(y)
+            start += length
+    return torch.cat(outputs, dim=1), state
+
+
+def test_is_declared_causal():
+    assert LaggedChunkSoftMoE.is_causal is True
+
+
+@pytest.mark.parametrize("summary", ["prefix", "previous"])
+@pytest.mark.parametrize(
+    "activation, num_experts, slots_per_expert, T",
+    [("gelu", 3, 2, 11), ("gelu", 3, 2, 12), ("gelu", 3, 2, 3), ("swiglu", 3, 2, 11), ("gelu", 1, 1, 9),
+     ("gelu", 4, 1, 14)],
+)
+def test_output_and_gradients_match_the_loop_reference(summary, activation, num_experts, slots_per_expert, T):
+    # T = 11 and 14 end inside a chunk, 12 on a chunk edge, 3 inside chunk 0 (nothing but null outputs).
+    layer = make_layer(
+        num_experts=num_experts, slots_per_expert=slots_per_expert, activation=activation, summary=summary
+    )
+    x = torch.randn(2, T, DIM, dtype=torch.float64, requires_grad=True)
+    y, aux = layer(x)
+    expected = reference.lagged_chunk_soft_moe(layer, x)
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-10)
+    assert aux.loss.item() == 0
+
+    params = [x, layer.experts.w_in, layer.experts.w_out, layer.shared.w_in, layer.shared.w_out]
+    params += [layer.slot_embeddings, layer.scale, layer.null_outputs]
+    grads = torch.autograd.grad((y * torch.sin(y)).sum(), params)
+    # With T <= C the reference never calls the experts; the layer gives them zero gradients.
+    ref_grads = torch.autograd.grad((expected * torch.sin(expected)).sum(), params, allow_unused=True)
+    for got, want, param in zip(grads, ref_grads, params):
+        torch.testing.assert_close(got, torch.zeros_like(param) if want is None else want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("summary", ["prefix", "previous"])
+@pytest.mark.parametrize("pieces", [[], [1], [3], [4], [5], [11], [19], [2, 5, 1], [3, 1, 9], [4, 4]])
+def test_decoding_in_any_pieces_reproduces_forward(summary, pieces):
+    # Prefill lengths inside, on and just past chunk edges (C = 4), not multiples of E = 3 either.
+    layer = make_layer(summary=summary)
+    x = torch.randn(2, 19, DIM, dtype=torch.float64)
+    expected, _ = layer(x)
+    decoded, state = decode_in_pieces(layer, x, pieces)
+    torch.testing.assert_close(decoded, expected, rtol=0, atol=1e-10)
+    assert state.length == 19
+    assert state.num.shape == (2, layer.num_slots, DIM) and state.lagged_outputs.shape == (2, layer.num_slots, DIM)
+
+
+@pytest.mark.parametrize("summary", ["prefix", "previous"])
+@pytest.mark.parametrize("t", [0, 1, C - 1, C, C + 1, 2 * C - 1, 2 * C, 2 * C + 1, 17])
+def test_future_tokens_do_not_change_earlier_outputs(summary, t):
+    layer = make_layer(summary=summary)
+    x = torch.randn(2, 18, DIM, dtype=torch.float64)
+    changed = x.clone()
+    changed[:, t + 1 :] = 100 * torch.randn_like(changed[:, t + 1 :])
+    y, _ = layer(x)
+    y_changed, _ = layer(changed)
+    assert torch.equal(y[:, : t + 1], y_changed[:, : t + 1])
+    assert ((y - y_changed)[:, t + 1 :].abs().amax(dim=-1) > 1e-6).all(), "every later output must change"
+
+
+@pytest.mark.parametrize("summary", ["prefix", "previous"])
+def test_a_chunk_reads_only_the_summaries_of_earlier_chunks(summary):
+    # Through the slots alone, a token of chunk 1 reaches no other token of chunk 1 (not even
+    # later ones: a chunk reading its own summary would leak), but every token of chunk 2; chunk 3
+    # only when the summaries pool all earlier chunks. (The token itself moves: its own logits
+    # choose its combine weights.)
+    layer = without_shared_expert(make_layer(summary=summary))
+    x = torch.randn(2, 4 * C, DIM, dtype=torch.float64)
+    changed = x.clone()
+    changed[:, C] += 3 * torch.randn(2, DIM, dtype=torch.float64)  # the first token of chunk 1
+    y, _ = layer(x)
+    y_changed, _ = layer(changed)
+    moved = (y - y_changed).abs().amax(dim=-1)  # [B, T]
+    assert (moved[:, :C] == 0).all() and (moved[:, C + 1 : 2 * C] == 0).all()
+    assert (moved[:, 2 * C : 3 * C] > 1e-6).all()
+    if summary == "prefix":
+        assert (moved[:, 3 * C :] > 1e-6).all()
+    else:  # chunk 3 reads the summary of chunk 2 alone
+        assert (moved[:, 3 * C :] == 0).all()
+
+
+def test_the_first_chunk_combines_the_null_outputs():
+    layer = without_shared_expert(make_layer())
+    x = torch.randn(2, 10, DIM, dtype=torch.float64)
+    y, _ = layer(x)
+    combine = torch.softmax(reference.routing_logits(layer, x[:, :C]), dim=-1)  # [B, C, S]
+    torch.testing.assert_close(y[:, :C], combine @ layer.null_outputs, rtol=0, atol=1e-12)
+
+
+def test_experts_run_once_per_chunk_and_slot():
+    layer = make_layer(num_experts=3, slots_per_expert=2)
+    rows = []
+    original = layer.experts.forward_batched
+
+    def counting(inputs):
+        rows.append(inputs.shape[:2])
+        return original(inputs)
+
+    layer.experts.forward_batched = counting
+    B, T = 2, 11  # chunks 0, 1, 2: chunks 1 and 2 read the summaries of chunks 0 and 1
+    layer(torch.randn(B, T, DIM, dtype=torch.float64))
+    assert rows == [(3, 2 * B * 2)]  # [E, P * B * (K - 1)]: T*S/C expert calls per sequence, rounded
+
+    # Decoding one token at a time: a burst of S expert calls exactly when a chunk completes.
+    rows.clear()
+    state, bursts = None, []
+    with torch.inference_mode():
+        for t in range(T):
+            before = len(rows)
+            _, state = layer.decode(torch.randn(B, 1, DIM, dtype=torch.float64), state)
+            bursts += [t] * (len(rows) - before)
+    assert bursts == [C - 1, 2 * C - 1] and rows == [(3, 2 * B)] * 2
+
+
+def test_padding_mask_keeps_padding_out_of_every_slot():
+    layer = make_layer()
+    x = torch.randn(3, 14, DIM, dtype=torch.float64)
+    mask = torch.ones(3, 14, dtype=torch.bool)
+    mask[0, 9:] = False  # padding starts inside chunk 2
+    mask[2, :] = False  # a fully padded row must not produce NaN
+    y, aux = layer(x, mask)
+    short, _ = layer(x[:1, :9])
+    unmasked, _ = layer(x)
+    torch.testing.assert_close(y[:1, :9], short, rtol=0, atol=1e-12)
+    torch.testing.assert_close(y[:2][mask[:2]], unmasked[:2][mask[:2]], rtol=0, atol=1e-12)
+    assert y[~mask].abs().max() == 0
+    assert all(torch.isfinite(value).all() for value in aux.stats.values())
+
+
+def test_independent_of_other_rows_of_the_batch():
+    layer = make_layer()
+    x = torch.randn(4, 13, DIM, dtype=torch.float64)
+    alone, _ = layer(x[1:2])
+    in_batch, _ = layer(x)
+    other_mates, _ = layer(torch.cat([10 * torch.randn(1, 13, DIM, dtype=torch.float64), x[1:2]]))
+    torch.testing.assert_close(in_batch[1:2], alone, rtol=0, atol=1e-13)
+    torch.testing.assert_close(other_mates[1:2], alone, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("summary, chunk_entropies", [("prefix", [C, 2 * C]), ("previous", [C, C])])
+def test_stats_describe_the_routing(summary, chunk_entropies):
+    layer = make_layer(num_experts=4, slots_per_expert=1, summary=summary)
+    with torch.no_grad():
+        layer.scale.fill_(0.0)  # all logits 0: uniform dispatch over each pool and uniform combine
+    _, aux = layer(torch.randn(2, 3 * C - 1, DIM, dtype=torch.float64))  # chunks 1, 2 read summaries 0, 1
+    mean_entropy = sum(math.log(n) for n in chunk_entropies) / 2
+    assert aux.stats["dispatch_entropy"].item() == pytest.approx(mean_entropy)
+    assert aux.stats["combine_entropy"].item() == pytest.approx(math.log(4))
+    torch.testing.assert_close(aux.stats["slot_usage"], torch.full((4,), 0.25))
+    assert aux.stats["slot_usage_spread"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("summary", ["prefix", "previous"])
+def test_bf16_autocast_keeps_routing_and_sums_in_fp32(monkeypatch, summary):
+    layer = LaggedChunkSoftMoE(16, 32, 4, slots_per_expert=2, chunk_size=4, summary=summary)
+    seen = []
+    original = lagged_module.soft_routing_logits
+
+    def spy(*args):
+        logits = original(*args)
+        seen.append(logits.dtype)
+        return logits
+
+    monkeypatch.setattr(lagged_module, "soft_routing_logits", spy)
+    x = torch.randn(2, 18, 16, requires_grad=True)
+    with torch.no_grad():
+        layer.null_outputs.normal_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = layer(x)
+        y.float().square().mean().backward()
+        with torch.inference_mode():
+            _, state = layer.decode(x[:, :6], None)
+    assert seen == [torch.float32, torch.float32] and aux.loss.dtype == torch.float32
+    assert state.num.dtype == torch.float32 and state.den.dtype == torch.float32
+    assert y.dtype == torch.bfloat16
+    assert torch.isfinite(x.grad).all() and layer.slot_embeddings.grad.dtype == torch.float32
+    y32, _ = layer(x)
+    torch.testing.assert_close(y.float(), y32, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(num_experts=0), "num_experts"),
+        (dict(slots_per_expert=0), "slots_per_expert"),
+        (dict(hidden_dim=-2), "hidden_dim"),
+        (dict(shared_hidden_dim=0), "shared_hidden_dim"),
+        (dict(chunk_size=0), "chunk_size"),
+        (dict(chunk_size=2.5), "chunk_size"),
+        (dict(summary="all"), "summary"),
+        (dict(activation="silu"), "activation"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        make_layer(**kwargs)
