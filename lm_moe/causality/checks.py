@@ -38,7 +38,7 @@ class CheckResult:
 
 @dataclass
 class CheckSettings:
-    length: int = 0  # 0 = chosen from the subject: three chunks and a bit, at least 16
+    length: int = 0  # 0 = chosen from the subject: three chunks and a bit, at least 64
     seeds: tuple[int, ...] = (0, 1, 2)
     tolerance: float = 1e-10
     rows: int = 2  # sequences per batch (times the subject's group size)
@@ -84,7 +84,7 @@ class Checker:
         self.subject = subject
         self.settings = settings or CheckSettings()
         boundaries = subject.boundaries
-        length = self.settings.length or max(16, 3 * max(boundaries, default=0) + 3)
+        length = self.settings.length or max(64, 3 * max(boundaries, default=0) + 3)
         if subject.max_length is not None:
             length = min(length, subject.max_length)
         self.length = length
