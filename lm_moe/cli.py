@@ -1,18 +1,23 @@
 """`python -m lm_moe {fit,validate,test,predict} -c config.yaml`: the Lightning CLI.
 
+One command for two tasks: `task: lm` (the default: a GPT on text, `configs/lm/`) and `task: vit`
+(an image classifier, `configs/vit/`); a config names its task.
+
 Runs log to TensorBoard under `runs/<name>/version_<n>/`, with checkpoints (last + best by
 validation loss) in its `checkpoints/` folder. `--ckpt_path last` resumes the newest run of the
 same name: the step count, optimizer and schedule continue, and the logs go to a new version.
 """
 
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 
-from lm_moe.data.text import TextDataModule
 from lm_moe.lit.callbacks import TextPredictionWriter, Throughput
-from lm_moe.lit.language_model import LanguageModel
 
 RUNS_DIR = "runs"
 
@@ -36,11 +41,12 @@ def logger_root(logger_config) -> Path:
     return Path(init_args.save_dir) / init_args.name
 
 
-class LanguageModelCLI(LightningCLI):
+class LmMoeCLI(LightningCLI):
+    """What both tasks share: `--task`, the checkpoint callback, `--ckpt_path last`. Subclasses
+    link what the data module knows (vocabulary, image size, ...) into the model's arguments."""
+
     def add_arguments_to_parser(self, parser) -> None:
-        # Given once, in the data section: the tokenizer fixes the vocabulary, the data the context.
-        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
-        parser.link_arguments("data.block_size", "model.block_size", apply_on="instantiate")
+        parser.add_argument("--task", choices=tuple(TASKS), default="lm", help="what the config trains (configs set it)")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -52,6 +58,10 @@ class LanguageModelCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+        for source, target in self.linked_arguments:
+            parser.link_arguments(source, target, apply_on="instantiate")
+
+    linked_arguments: tuple[tuple[str, str], ...] = ()
 
     def _parse_ckpt_path(self) -> None:
         """Replaces Lightning's step that rebuilds the model from the checkpoint's hyperparameters,
@@ -69,23 +79,92 @@ class LanguageModelCLI(LightningCLI):
             raise FileNotFoundError(f"--ckpt_path: no checkpoint file at {ckpt_path!r}")
 
 
-def main(args=None, run: bool = True) -> LanguageModelCLI:
+class LanguageModelCLI(LmMoeCLI):
+    # Given once, in the data section: the tokenizer fixes the vocabulary, the data the context.
+    linked_arguments = (("data.vocab_size", "model.vocab_size"), ("data.block_size", "model.block_size"))
+
+
+class ImageClassifierCLI(LmMoeCLI):
+    # The data set fixes the classes, the image size and the channels.
+    linked_arguments = (
+        ("data.num_classes", "model.num_classes"),
+        ("data.image_size", "model.image_size"),
+        ("data.channels", "model.channels"),
+    )
+
+
+@dataclass(frozen=True)
+class Task:
+    cli: type[LmMoeCLI]
+    classes: Callable[[], tuple[type, type]]  # (LightningModule, LightningDataModule), imported when chosen
+    callbacks: Callable[[], list]
+
+
+def _language_model_classes():
+    from lm_moe.data.text import TextDataModule
+    from lm_moe.lit.language_model import LanguageModel
+
+    return LanguageModel, TextDataModule
+
+
+def _image_classifier_classes():
+    from lm_moe.data.images import ImageDataModule
+    from lm_moe.lit.image_classifier import ImageClassifier
+
+    return ImageClassifier, ImageDataModule
+
+
+TASKS = {
+    "lm": Task(
+        LanguageModelCLI,
+        _language_model_classes,
+        lambda: [LearningRateMonitor(logging_interval="step"), Throughput("tokens", "targets"), TextPredictionWriter()],
+    ),
+    "vit": Task(
+        ImageClassifierCLI,
+        _image_classifier_classes,
+        lambda: [LearningRateMonitor(logging_interval="step"), Throughput("images", "labels")],
+    ),
+}
+
+
+def task_of(args: list[str]) -> str:
+    """The task a command line asks for, read the way the CLI will read it: the last `--task`
+    flag or `task:` key of a `-c` file wins; "lm" if none says."""
+    task = "lm"
+    for i, arg in enumerate(args):
+        value = None
+        if arg.startswith("--task="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--task" and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg in ("-c", "--config") and i + 1 < len(args) and Path(args[i + 1]).is_file():
+            value = (yaml.safe_load(Path(args[i + 1]).read_text()) or {}).get("task")
+        elif arg.startswith("--config=") and Path(arg.split("=", 1)[1]).is_file():
+            value = (yaml.safe_load(Path(arg.split("=", 1)[1]).read_text()) or {}).get("task")
+        if value is not None:
+            task = value
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+    return task
+
+
+def main(args: list[str] | None = None, run: bool = True) -> LmMoeCLI:
     """Parse `args` (default: the command line) and run the subcommand; with `run=False` only build
     the model, data module and trainer of a config (no subcommand in `args`)."""
-    return LanguageModelCLI(
-        LanguageModel,
-        TextDataModule,
+    args = sys.argv[1:] if args is None else list(args)
+    task = TASKS[task_of(args)]
+    model_class, data_class = task.classes()
+    return task.cli(
+        model_class,
+        data_class,
         args=args,
         run=run,
-        auto_configure_optimizers=False,  # LanguageModel brings its own AdamW + schedule
+        auto_configure_optimizers=False,  # the modules bring their own AdamW + schedule
         save_config_kwargs={"overwrite": True},
         trainer_defaults={
             "default_root_dir": RUNS_DIR,
-            "logger": {"class_path": "pytorch_lightning.loggers.TensorBoardLogger", "init_args": {"save_dir": RUNS_DIR, "name": "lm"}},
-            "callbacks": [
-                LearningRateMonitor(logging_interval="step"),
-                Throughput(unit="tokens", key="targets"),
-                TextPredictionWriter(),
-            ],
+            "logger": {"class_path": "pytorch_lightning.loggers.TensorBoardLogger", "init_args": {"save_dir": RUNS_DIR, "name": "run"}},
+            "callbacks": task.callbacks(),
         },
     )
