@@ -152,8 +152,7 @@ def task_of(args: list[str]) -> str:
 def main(args: list[str] | None = None, run: bool = True) -> LmMoeCLI:
     """Parse `args` (default: the command line) and run the subcommand; with `run=False` only build
     the model, data module and trainer of a config (no subcommand in `args`)."""
-    args = sys.argv[1:] if args is None else list(args)
-    task = TASKS[task_of(args)]
+    task = TASKS[task_of(sys.argv[1:] if args is None else list(args))]
     model_class, data_class = task.classes()
     return task.cli(
         model_class,

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -64,16 +65,26 @@ class TopKRouter(nn.Module):
         return TopKRouting(logits=logits, probs=probs, expert_index=expert_index, weight=weight)
 
 
-def load_balancing_loss(routing: TopKRouting, valid: torch.Tensor | None = None) -> torch.Tensor:
+def load_balancing_loss(
+    routing: TopKRouting, valid: torch.Tensor | None = None, global_batch: bool = False
+) -> torch.Tensor:
     """Switch Transformer loss `E * sum_e f_e * P_e`, with f_e the share of all N*k routing
     choices that picked expert e and P_e the mean router probability of e.
 
     Counting choices over N*k (not tokens over N) makes a perfectly balanced router score exactly 1
     for every k. Choices are counted before any capacity drop, as in Switch.
+
+    global_batch: under torch.distributed, average f over all ranks first (f carries no gradient).
+    Data-parallel training then balances the global batch, and its averaged gradient is exactly
+    the gradient of this loss on the whole global batch (equal shards), not a mean of per-shard
+    losses.
     """
     num_experts = routing.probs.shape[-1]
     choices = F.one_hot(routing.expert_index, num_experts).to(routing.probs.dtype)  # [N, k, E]
     share_of_choices = masked_mean(choices.mean(dim=1), valid)  # [E], sums to 1
+    if global_batch and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(share_of_choices)  # a sum over ranks; no gradient flows through f
+        share_of_choices = share_of_choices / dist.get_world_size()
     mean_prob = masked_mean(routing.probs, valid)  # [E]
     return num_experts * (share_of_choices * mean_prob).sum()
 

@@ -124,7 +124,8 @@ class TopKMoE(nn.Module):
         gate = routing.weight.reshape(-1)[order].to(expert_out.dtype)  # [M]
         y = expert_out.new_zeros(B * T, D).index_add(0, token_of_row, expert_out * gate.unsqueeze(-1))  # [N, D]
 
-        balance = load_balancing_loss(routing, valid)
+        # In training, data-parallel ranks balance the global batch together (see load_balancing_loss).
+        balance = load_balancing_loss(routing, valid, global_batch=self.training)
         z_loss = router_z_loss(routing, valid)
         aux = LayerAux(
             loss=self.load_balance_weight * balance + self.z_loss_weight * z_loss,

@@ -9,7 +9,7 @@ import torchmetrics
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from lm_moe.lit.checkpoints import require_matching_state
-from lm_moe.lit.moe_metrics import moe_histograms, moe_scalars
+from lm_moe.lit.moe_metrics import LayerStats, moe_histograms, moe_scalars, reduce_over_ranks
 from lm_moe.lit.optim import build_adamw_with_schedule
 from lm_moe.models.generation import generate
 from lm_moe.models.gpt import GPT
@@ -69,11 +69,8 @@ class LanguageModel(pl.LightningModule):
         cross_entropy, output = self._loss(batch)
         loss = cross_entropy + output.aux_loss
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/cross_entropy", cross_entropy)
-        self.log("train/aux_loss", output.aux_loss)
-        self.log_dict(moe_scalars(output.layer_stats))
-        if self._is_logging_step():
-            self._log_histograms(output.layer_stats)
+        self.log_dict({"train/cross_entropy": cross_entropy, "train/aux_loss": output.aux_loss}, sync_dist=True)
+        self._log_moe_stats(output.layer_stats)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -81,16 +78,17 @@ class LanguageModel(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         metrics = self._loss_and_perplexity(self.val_loss, "val")
-        self.log_dict({**metrics, "hp_metric": metrics["val/loss"]}, prog_bar=True)
+        # torchmetrics already synchronised the values: sync_dist only tells Lightning so.
+        self.log_dict({**metrics, "hp_metric": metrics["val/loss"]}, prog_bar=True, sync_dist=True)
         baseline = getattr(self.trainer.datamodule, "unigram_cross_entropy", None)
         if baseline is not None:
-            self.log("val/unigram_baseline", baseline)
+            self.log("val/unigram_baseline", baseline, sync_dist=True)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._accumulate(self.test_loss, batch)
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self._loss_and_perplexity(self.test_loss, "test"))
+        self.log_dict(self._loss_and_perplexity(self.test_loss, "test"), sync_dist=True)
 
     def _accumulate(self, metric: torchmetrics.MeanMetric, batch: dict[str, torch.Tensor]) -> None:
         """Token-weighted mean cross-entropy over the epoch (synchronised across ranks)."""
@@ -142,11 +140,16 @@ class LanguageModel(pl.LightningModule):
             min_lr_ratio=hp.min_lr_ratio,
         )
 
-    def _is_logging_step(self) -> bool:
-        return self.trainer is not None and self.global_step % self.trainer.log_every_n_steps == 0
-
-    def _log_histograms(self, layer_stats: dict[str, dict[str, torch.Tensor]]) -> None:
+    def _log_moe_stats(self, layer_stats: LayerStats) -> None:
+        """Per MoE layer, the stats of the global batch (reduced over data-parallel ranks) as
+        scalars every step, and the load vectors as histograms every `log_every_n_steps`."""
+        stats = reduce_over_ranks(
+            layer_stats, lambda flat: self.trainer.strategy.reduce(flat, reduce_op="sum"), self.trainer.world_size
+        )
+        self.log_dict(moe_scalars(stats))
+        if self.global_step % self.trainer.log_every_n_steps != 0:
+            return
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
-                for name, values in moe_histograms(layer_stats).items():
+                for name, values in moe_histograms(stats).items():
                     logger.experiment.add_histogram(name, values, global_step=self.global_step)

@@ -3,13 +3,36 @@
 Names are grouped with `/` so TensorBoard folds them: `moe/block_3/router_entropy`.
 """
 
+from collections.abc import Callable
+
 import torch
 
 # Stats that are a vector per expert or slot: logged as histograms plus a max/min load ratio.
 _LOAD_VECTORS = ("tokens_per_expert", "slot_usage")
+# Counts add up over data-parallel ranks; every other stat (entropies, fractions, losses) is averaged.
+_SUMMED_STATS = ("tokens_per_expert",)
+
+LayerStats = dict[str, dict[str, torch.Tensor]]
 
 
-def moe_scalars(layer_stats: dict[str, dict[str, torch.Tensor]], prefix: str = "moe") -> dict[str, torch.Tensor]:
+def reduce_over_ranks(layer_stats: LayerStats, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor], world_size: int) -> LayerStats:
+    """The stats of the global batch: one all-reduce of all stats flattened together, then counts
+    summed and everything else averaged over the `world_size` ranks."""
+    if world_size == 1 or not layer_stats:
+        return layer_stats
+    keys = [(block, name) for block, stats in layer_stats.items() for name in stats]
+    flat = torch.cat([layer_stats[block][name].float().reshape(-1) for block, name in keys])  # [n]
+    total = all_reduce_sum(flat)
+    reduced, start = {}, 0
+    for block, name in keys:
+        like = layer_stats[block][name]
+        value = total[start : start + like.numel()].reshape(like.shape)
+        start += like.numel()
+        reduced.setdefault(block, {})[name] = value if name in _SUMMED_STATS else value / world_size
+    return reduced
+
+
+def moe_scalars(layer_stats: LayerStats, prefix: str = "moe") -> dict[str, torch.Tensor]:
     """Every scalar stat, plus `<vector>_max_min_ratio` for each load vector (1 = balanced)."""
     scalars = {}
     for block, stats in layer_stats.items():
@@ -23,7 +46,7 @@ def moe_scalars(layer_stats: dict[str, dict[str, torch.Tensor]], prefix: str = "
     return scalars
 
 
-def moe_histograms(layer_stats: dict[str, dict[str, torch.Tensor]], prefix: str = "moe") -> dict[str, torch.Tensor]:
+def moe_histograms(layer_stats: LayerStats, prefix: str = "moe") -> dict[str, torch.Tensor]:
     """The per-expert / per-slot load vectors, to log as histograms."""
     return {
         f"{prefix}/{block}/{name}": value.float()

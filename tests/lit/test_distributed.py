@@ -1,0 +1,101 @@
+"""Multi-process training on the CPU: DDP over gloo, as it runs on GPUs with NCCL."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from lm_moe import cli
+
+from .test_language_model_cli import tiny_args
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(work: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_DATASETS_CACHE": str(work / "hf_cache")}
+    result = subprocess.run([sys.executable, "-m", "lm_moe", *args], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.mark.parametrize("config", ["top2", "lagged_chunk"])
+def test_two_process_ddp_fit_completes_and_resumes_in_one_process(config, tmp_path):
+    cache = tmp_path / "cache"
+    config_path = str(REPO / f"configs/lm/{config}.yaml")
+    run_cli(tmp_path, "fit", "-c", config_path, "-c", str(REPO / "configs/trainer/cpu_ddp.yaml"), *tiny_args(cache))
+    run_dir = tmp_path / "runs" / config / "version_0"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "runs" / config / "version_1").exists()  # one run folder: rank 0 writes
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 4
+
+    if config == "top2":  # the expert loads logged are those of the global batch, not rank 0's
+        events = EventAccumulator(str(run_dir))
+        events.Reload()
+        histogram = events.Histograms("moe/block_0/tokens_per_expert")[-1].histogram_value
+        # 2 ranks x batch 4 x 32 tokens x top-2 routing choices
+        assert histogram.sum == 2 * 4 * 32 * 2
+
+    # The DDP checkpoint resumes in a single process (a different world size).
+    resumed = cli.main(["fit", "-c", config_path, *tiny_args(cache, steps=6), f"--ckpt_path={run_dir}/checkpoints/last.ckpt",
+                        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}/runs"])
+    assert resumed.trainer.global_step == 6
+
+
+def _ddp_gradients(rank: int, world_size: int, config: str, state: dict, init_file: str, ids: torch.Tensor, out_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model = _tiny_model(config)
+        model.load_state_dict(state)
+        shard = ids.chunk(world_size)[rank]  # [B / world, T + 1]
+        # DDP wraps what returns the loss, as Lightning wraps training_step; it must outlive the
+        # backward pass, whose hooks it owns.
+        ddp = DistributedDataParallel(_LossOf(model))
+        ddp(shard).backward()
+        if rank == 0:
+            torch.save({name: p.grad for name, p in model.named_parameters()}, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def _tiny_model(config: str):
+    overrides = ["--model.n_layer=2", "--model.dim=32", "--model.n_head=2", "--model.dense_hidden_dim=64",
+                 "--data.vocab_size=300", "--data.block_size=40", "--trainer.logger=false"]
+    return cli.main(["-c", str(REPO / f"configs/lm/{config}.yaml"), *overrides], run=False).model.model.double()
+
+
+class _LossOf(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return _loss(self.model, ids)
+
+
+def _loss(model, ids: torch.Tensor) -> torch.Tensor:
+    output = model(ids[:, :-1])
+    return F.cross_entropy(output.logits.flatten(0, 1), ids[:, 1:].flatten()) + output.aux_loss
+
+
+@pytest.mark.parametrize("config", ["top2", "mixture_of_tokens", "lagged_chunk"])
+def test_ddp_gradient_equals_the_single_process_gradient_of_the_global_batch(config, tmp_path):
+    ids = torch.randint(0, 300, (8, 33), generator=torch.Generator().manual_seed(1))  # global batch
+    out_file = str(tmp_path / "ddp_grads.pt")
+    model = _tiny_model(config)
+    mp.spawn(_ddp_gradients, args=(2, config, model.state_dict(), str(tmp_path / "init"), ids, out_file), nprocs=2, join=True)
+    ddp_grads = torch.load(out_file)
+
+    _loss(model, ids).backward()
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(ddp_grads[name], parameter.grad, rtol=1e-9, atol=1e-12, msg=name)

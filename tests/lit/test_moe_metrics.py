@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from lm_moe.lit.moe_metrics import moe_histograms, moe_scalars, reduce_over_ranks
+
+
+def test_scalars_histograms_and_load_ratio():
+    stats = {"block_1": {"tokens_per_expert": torch.tensor([2.0, 4.0, 8.0]), "router_entropy": torch.tensor(0.5)}}
+    scalars = moe_scalars(stats)
+    assert scalars == {
+        "moe/block_1/tokens_per_expert_max_min_ratio": pytest.approx(4.0),
+        "moe/block_1/router_entropy": pytest.approx(0.5),
+    }
+    assert set(moe_histograms(stats)) == {"moe/block_1/tokens_per_expert"}
+
+
+def test_reduction_over_ranks_sums_counts_and_averages_the_rest():
+    stats = {
+        "block_0": {"tokens_per_expert": torch.tensor([1.0, 3.0]), "dropped_fraction": torch.tensor(0.2)},
+        "block_2": {"slot_usage": torch.tensor([0.25, 0.75]), "combine_entropy": torch.tensor(1.0)},
+    }
+    other_rank = {
+        "block_0": {"tokens_per_expert": torch.tensor([5.0, 7.0]), "dropped_fraction": torch.tensor(0.4)},
+        "block_2": {"slot_usage": torch.tensor([0.75, 0.25]), "combine_entropy": torch.tensor(3.0)},
+    }
+    calls = []
+
+    def all_reduce_sum(flat):  # what two ranks would sum to, checking it is one collective
+        calls.append(flat)
+        keys = [(b, n) for b, s in other_rank.items() for n in s]
+        return flat + torch.cat([other_rank[b][n].reshape(-1) for b, n in keys])
+
+    reduced = reduce_over_ranks(stats, all_reduce_sum, world_size=2)
+    assert len(calls) == 1
+    torch.testing.assert_close(reduced["block_0"]["tokens_per_expert"], torch.tensor([6.0, 10.0]))
+    torch.testing.assert_close(reduced["block_0"]["dropped_fraction"], torch.tensor(0.3))
+    torch.testing.assert_close(reduced["block_2"]["slot_usage"], torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(reduced["block_2"]["combine_entropy"], torch.tensor(2.0))
+    assert reduce_over_ranks(stats, all_reduce_sum, world_size=1) is stats
