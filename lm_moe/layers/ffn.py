@@ -32,6 +32,8 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 def _grouped_mm_usable(x: torch.Tensor) -> bool:
     if not hasattr(F, "grouped_mm") or x.dtype not in _GROUPED_MM_DTYPES:
         return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:  # the compiler's shape rule wants bf16
+        return False
     if x.device.type == "cuda":  # the CUDA kernel needs bf16 on compute capability >= 8.0
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
     return x.device.type == "cpu"

@@ -113,7 +113,8 @@ class TopKMoE(nn.Module):
         if served is not None:
             choice_expert = choice_expert.masked_fill(~served.reshape(-1), E)
         order = torch.argsort(choice_expert, stable=True)  # [N*k]
-        rows_per_expert = torch.bincount(choice_expert, minlength=E + 1)[:E]  # [E]
+        # A scatter-add, not bincount: its output shape is static, so torch.compile keeps one graph.
+        rows_per_expert = choice_expert.new_zeros(E + 1).scatter_add_(0, choice_expert, torch.ones_like(choice_expert))[:E]  # [E]
         if served is not None:
             order = order[: int(rows_per_expert.sum())]  # [M] drop the sentinel group
         token_of_row = order // k  # [M]

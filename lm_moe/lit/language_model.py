@@ -45,14 +45,19 @@ class LanguageModel(pl.LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.1,
         sampling: SamplingSettings = SamplingSettings(),
+        compile: bool = False,
         **gpt_kwargs,
     ):
-        """`gpt_kwargs` are GPT's arguments (n_layer, dim, ffn, moe_blocks, ...); the CLI shows them."""
+        """`gpt_kwargs` are GPT's arguments (n_layer, dim, ffn, moe_blocks, ...); the CLI shows them.
+        `compile=True` runs the training forward through torch.compile."""
         super().__init__()
         self.save_hyperparameters()
         # Checkpoints store the settings as a dict; rebuild the dataclass when loading one.
         self.sampling = sampling if isinstance(sampling, SamplingSettings) else SamplingSettings(**sampling)
         self.model = GPT(vocab_size, block_size, **gpt_kwargs)
+        # torch.compile for the training and evaluation forward only: decoding with a growing cache
+        # would recompile at every length. The weights stay where they are (checkpoints unchanged).
+        self._forward = torch.compile(self.model.forward) if compile else self.model.forward
         self.val_loss = torchmetrics.MeanMetric()
         self.test_loss = torchmetrics.MeanMetric()
 
@@ -60,7 +65,7 @@ class LanguageModel(pl.LightningModule):
         return self.model(input_ids)
 
     def _loss(self, batch: dict[str, torch.Tensor]):
-        output = self.model(batch["input_ids"])
+        output = self._forward(batch["input_ids"])
         logits = output.logits.float()  # [B, T, V] cross-entropy in fp32 also under autocast
         cross_entropy = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
         return cross_entropy, output

