@@ -16,7 +16,6 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 

@@ -64,7 +64,7 @@ class LayerSubject:
     def decode(self, x: torch.Tensor, pieces: list[int]) -> torch.Tensor:
         """As the model decodes: through the layer's decode() and its state where it has one,
         else the layer alone on each piece of new tokens (right for per-token layers only)."""
-        state, outputs, start = None, [], 0
+        state, outputs = None, []
         for piece in (x[:, start : start + length] for start, length in zip(_starts(pieces), pieces)):
             if callable(getattr(self.layer, "decode", None)):
                 y, state = self.layer.decode(piece, state)

@@ -7,6 +7,7 @@ from lm_moe.layers.segment_merged_moe import SegmentMergedMoE
 
 from . import reference_tokens_segments as reference
 from .reference import expert_mlp
+from .mixed_precision import check_bf16_training_step, record_dtypes
 
 
 def make_smm(**kwargs) -> SegmentMergedMoE:
@@ -146,24 +147,9 @@ def test_stats_describe_the_routing():
 
 def test_bf16_autocast_keeps_routing_in_fp32(monkeypatch):
     layer = SegmentMergedMoE(16, 32, 4, segment_size=4)
-    seen = []
-    original = layer._routing
-
-    def spy(*args):
-        first, later = original(*args)
-        seen.extend([first.dtype, later.dtype])
-        return first, later
-
-    monkeypatch.setattr(layer, "_routing", spy)
-    x = torch.randn(2, 10, 16, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y, aux = layer(x)
-        y.float().square().mean().backward()
-    assert seen == [torch.float32] * 2 and aux.loss.dtype == torch.float32
-    assert y.dtype == torch.bfloat16
-    assert torch.isfinite(x.grad).all() and layer.router_weight.grad.dtype == torch.float32
-    y32, _ = layer(x)
-    torch.testing.assert_close(y.float(), y32, rtol=0.05, atol=0.05)
+    seen = record_dtypes(monkeypatch, layer, "_routing")
+    check_bf16_training_step(layer, torch.randn(2, 10, 16), layer.router_weight)
+    assert seen == [torch.float32] * 4  # (segment 0, later segments) for bf16 and the fp32 reference
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from lm_moe.layers import SoftMoE
 from lm_moe.layers import soft_moe as soft_moe_module
 
 from . import reference
+from .mixed_precision import check_bf16_training_step, record_dtypes
 
 
 def make_soft_moe(**kwargs) -> SoftMoE:
@@ -100,24 +101,9 @@ def test_stats_describe_the_routing():
 
 def test_bf16_autocast_keeps_router_in_fp32(monkeypatch):
     layer = SoftMoE(16, 32, 4, slots_per_expert=2)
-    seen = []
-    original = soft_moe_module.soft_routing_logits
-
-    def spy(*args):
-        logits = original(*args)
-        seen.append(logits.dtype)
-        return logits
-
-    monkeypatch.setattr(soft_moe_module, "soft_routing_logits", spy)
-    x = torch.randn(2, 8, 16, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y, aux = layer(x)
-        y.float().square().mean().backward()
-    assert seen == [torch.float32] and aux.loss.dtype == torch.float32
-    assert y.dtype == torch.bfloat16
-    assert torch.isfinite(x.grad).all() and layer.slot_embeddings.grad.dtype == torch.float32
-    y32, _ = layer(x)
-    torch.testing.assert_close(y.float(), y32, rtol=0.05, atol=0.05)
+    seen = record_dtypes(monkeypatch, soft_moe_module, "soft_routing_logits")
+    check_bf16_training_step(layer, torch.randn(2, 8, 16), layer.slot_embeddings)
+    assert seen == [torch.float32] * 2  # forward and the fp32 reference forward
 
 
 @pytest.mark.parametrize(
