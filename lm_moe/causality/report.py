@@ -35,6 +35,8 @@ def model_from(configs: list[str], overrides: list[str], ckpt_path: str | None) 
         return LanguageModel.load_from_checkpoint(ckpt_path, map_location="cpu").model
     args = [item for config in configs for item in ("-c", config)]
     module = cli.main(args + overrides + ["--trainer.logger=false"], run=False).model
+    if not isinstance(getattr(module, "model", None), GPT):
+        raise ValueError(f"the causality checks are for language models (task: lm); {configs} builds a {type(module).__name__}")
     if ckpt_path is not None:
         state = read_checkpoint(ckpt_path)["state_dict"]
         require_matching_state(state, module.state_dict())

@@ -1,0 +1,99 @@
+"""Mixed precision and data parallelism on the CPU, measured side by side through the real CLI.
+
+    python scripts/bench_scaling.py                          # configs/lm/top2.yaml
+    python scripts/bench_scaling.py -c configs/lm/dense.yaml --steps 40 --rounds 3
+
+Runs `python -m lm_moe fit` in subprocesses (the launch a user makes) and reads the training
+tokens/s each run logged to TensorBoard (median over the steps after `--warmup`):
+- precision: 32-true against bf16-mixed, one process using every core;
+- data parallel: 2 DDP processes with one thread each (configs/trainer/cpu_ddp.yaml; the global
+  batch is 2 x data.batch_size) against one process using both cores on the same global batch.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = {"bf16-mixed / 32-true": 1.1, "2-process DDP / 1 process": 0.9}
+
+
+def tokens_per_sec(config: Path, trainer: Path, extra: list[str], steps: int, warmup: int, work: Path, threads: int | None) -> float:
+    """Median logged training tokens/s of one `fit` run after `warmup` steps."""
+    run_name = f"run{len(list(work.glob('run*')))}"
+    args = [sys.executable, "-m", "lm_moe", "fit", "-c", str(config), "-c", str(trainer), *extra,
+            f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
+            "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=true",
+            f"--trainer.logger.init_args.save_dir={work}", f"--trainer.logger.init_args.name={run_name}",
+            f"--trainer.default_root_dir={work}"]
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    result = subprocess.run(args, cwd=work, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"fit failed:\n{result.stderr[-3000:]}")
+    events = EventAccumulator(str(work / run_name / "version_0"))
+    events.Reload()
+    rates = [event.value for event in events.Scalars("perf/train_tokens_per_sec") if event.step >= warmup]
+    return statistics.median(rates)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", type=Path, default=REPO / "configs/lm/top2.yaml")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16, help="per-process batch of the DDP runs")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    if not 0 <= args.warmup < args.steps:
+        parser.error(f"--warmup must be in [0, --steps), got {args.warmup} with --steps {args.steps}")
+    quick, ddp = REPO / "configs/trainer/cpu_quick.yaml", REPO / "configs/trainer/cpu_ddp.yaml"
+    runs = {
+        "32-true": (quick, ["--trainer.precision=32-true"], None),
+        "bf16-mixed": (quick, ["--trainer.precision=bf16-mixed"], None),
+        "1 process, 2 threads": (quick, [f"--data.batch_size={2 * args.batch}"], None),
+        "2-process DDP, 1 thread each": (ddp, [f"--data.batch_size={args.batch}"], 1),
+    }
+    rates = {name: [] for name in runs}
+    with tempfile.TemporaryDirectory() as directory:
+        for round_index in range(args.rounds):
+            for name, (trainer, extra, threads) in runs.items():
+                rates[name].append(tokens_per_sec(args.config, trainer, extra, args.steps, args.warmup, Path(directory), threads))
+            print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()), flush=True)
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    ratios = {
+        "bf16-mixed / 32-true": median["bf16-mixed"] / median["32-true"],
+        "2-process DDP / 1 process": median["2-process DDP, 1 thread each"] / median["1 process, 2 threads"],
+    }
+    table = Table(title=f"{args.config.name}: training tokens/s (median of {args.rounds} rounds)", box=box.MARKDOWN)
+    for column in ("run", "tokens/s"):
+        table.add_column(column)
+    for name, rate in median.items():
+        table.add_row(name, f"{rate:.0f}")
+    ratio_table = Table(title="ratios", box=box.MARKDOWN)
+    for column in ("comparison", "ratio", "target"):
+        ratio_table.add_column(column)
+    for name, ratio in ratios.items():
+        ratio_table.add_row(name, f"{ratio:.2f}", f">= {TARGETS[name]} ({'ok' if ratio >= TARGETS[name] else 'under'})")
+    console = Console(width=200)
+    console.print(table)
+    console.print(ratio_table)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"tokens_per_sec": rates, "median": median, "ratios": ratios}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
