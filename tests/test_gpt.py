@@ -289,6 +289,7 @@ def test_generate_restores_training_mode():
 @pytest.mark.parametrize("ffn", [
     partial(SoftMoE, hidden_dim=8, num_experts=2),
     partial(TopKMoE, hidden_dim=8, num_experts=2, capacity_factor=1.0, capacity_priority="gshard"),
+    partial(TopKMoE, hidden_dim=8, num_experts=2, capacity_factor=1.0, capacity_group="batch"),
 ])
 def test_noncausal_ffn_is_refused_unless_allowed(ffn):
     with pytest.raises(ValueError, match="allow_noncausal"):

@@ -179,7 +179,7 @@ class ImageDataModule(pl.LightningDataModule):
         val_fraction: float = 0.1,
         mean: list[float] | None = None,
         std: list[float] | None = None,
-        crop_padding: int = 2,
+        crop_padding: int = 1,
         horizontal_flip: bool = False,
         batch_size: int = 128,
         seed: int = 1234,

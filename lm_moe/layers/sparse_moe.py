@@ -23,6 +23,7 @@ from lm_moe.layers.routing import (
 
 
 CAPACITY_PRIORITIES = ("position", "gshard")
+CAPACITY_GROUPS = ("sequence", "batch")
 
 
 class TopKMoE(nn.Module):
@@ -41,6 +42,10 @@ class TopKMoE(nn.Module):
         choices before any second choice, one capacity ceil(capacity_factor * k * T / E) for the
         sequence). KNOWN TO LEAK the future into which past choices are dropped: it exists as a
         negative control for the leakage suite and for encoders; `is_causal` is False with it.
+    capacity_group: "sequence" (each sequence has its own capacity, as above) or "batch": the
+        whole batch is one group, its rows in order (row 0 first), as V-MoE routes groups of images.
+        Then a row's drops depend on the other rows: not per-example deterministic, and `is_causal`
+        is False (a decoder refuses it). Decoding treats each call's new tokens as one group.
     aux.loss = load_balance_weight * Switch load-balancing loss + z_loss_weight * ST-MoE z-loss.
     """
 
@@ -57,6 +62,7 @@ class TopKMoE(nn.Module):
         z_loss_weight: float = 0.001,
         jitter_noise: float = 0.0,
         capacity_priority: str = "position",
+        capacity_group: str = "sequence",
     ):
         super().__init__()
         require_positive_int("num_experts", num_experts)
@@ -75,12 +81,16 @@ class TopKMoE(nn.Module):
         self.capacity_factor = capacity_factor
         require_choice("capacity_priority", capacity_priority, CAPACITY_PRIORITIES)
         self.capacity_priority = capacity_priority
+        require_choice("capacity_group", capacity_group, CAPACITY_GROUPS)
+        self.capacity_group = capacity_group
         self.experts = ExpertWeights(num_experts, dim, hidden_dim, activation)
         self.router = TopKRouter(dim, num_experts, top_k, renormalize, jitter_noise)
 
     @property
     def is_causal(self) -> bool:
-        return self.capacity_factor is None or self.capacity_priority == "position"
+        if self.capacity_factor is None:
+            return True
+        return self.capacity_priority == "position" and self.capacity_group == "sequence"
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
         """`mask` [B, T] (True = real token): padding is routed nowhere and outputs 0."""
@@ -91,7 +101,7 @@ class TopKMoE(nn.Module):
         """Incremental decoding: x [B, t, D] are the next t tokens. Dropless routing is per token
         (state None); with a capacity, state = (position, served [B, E]), the choices each expert
         has served so far in each sequence."""
-        if self.capacity_factor is None:
+        if self.capacity_factor is None or self.capacity_group == "batch":
             return self(x)[0], None
         position, served = state if state is not None else (0, None)
         y, _, served = self._route_and_run(x, None, position, served)
@@ -144,6 +154,14 @@ class TopKMoE(nn.Module):
             routed = routed & mask.unsqueeze(-1)
         if self.capacity_factor is None:
             return routed, None
+        if self.capacity_group == "batch":  # one long sequence of the rows in order
+            B, T, k = expert_index.shape
+            keep, _ = self._capacity_keep(expert_index.reshape(1, B * T, k), routed.reshape(1, B * T, k), 0, None)
+            return keep.view(B, T, k), None
+        return self._capacity_keep(expert_index, routed, start, served_before)
+
+    def _capacity_keep(self, expert_index, routed, start, served_before) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The capacity rule within each row of expert_index [B, T, k] -> (keep [B, T, k], served_after)."""
         if self.capacity_priority == "gshard":
             return gshard_keep(expert_index, routed, self.capacity_factor, self.num_experts), None
         T = expert_index.shape[1]

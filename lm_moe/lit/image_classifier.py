@@ -8,7 +8,7 @@ from matplotlib.figure import Figure
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from lm_moe.lit.checkpoints import require_matching_state
-from lm_moe.lit.moe_metrics import moe_histograms, moe_scalars
+from lm_moe.lit.moe_metrics import log_moe_stats
 from lm_moe.lit.optim import build_adamw_with_schedule
 from lm_moe.models.vit import ViT
 
@@ -71,9 +71,7 @@ class ImageClassifier(pl.LightningModule):
         self.log("train/cross_entropy", cross_entropy)
         self.log("train/aux_loss", output.aux_loss)
         self.log("train/acc_top1", (logits.argmax(dim=-1) == batch["labels"]).float().mean())
-        self.log_dict(moe_scalars(output.layer_stats))
-        if self._is_logging_step():
-            self._log_histograms(output.layer_stats)
+        log_moe_stats(self, output.layer_stats)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -128,16 +126,8 @@ class ImageClassifier(pl.LightningModule):
             min_lr_ratio=hp.min_lr_ratio,
         )
 
-    def _is_logging_step(self) -> bool:
-        return self.trainer is not None and self.global_step % self.trainer.log_every_n_steps == 0
-
     def _tensorboards(self):
         return [logger.experiment for logger in self.loggers if isinstance(logger, TensorBoardLogger)]
-
-    def _log_histograms(self, layer_stats: dict[str, dict[str, torch.Tensor]]) -> None:
-        for experiment in self._tensorboards():
-            for name, values in moe_histograms(layer_stats).items():
-                experiment.add_histogram(name, values, global_step=self.global_step)
 
     def _log_figure(self, tag: str, shown: dict[str, torch.Tensor]) -> None:
         experiments = self._tensorboards()

@@ -9,7 +9,7 @@ import torchmetrics
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from lm_moe.lit.checkpoints import require_matching_state
-from lm_moe.lit.moe_metrics import LayerStats, moe_histograms, moe_scalars, reduce_over_ranks
+from lm_moe.lit.moe_metrics import log_moe_stats
 from lm_moe.lit.optim import build_adamw_with_schedule
 from lm_moe.models.generation import generate
 from lm_moe.models.gpt import GPT
@@ -75,7 +75,7 @@ class LanguageModel(pl.LightningModule):
         loss = cross_entropy + output.aux_loss
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({"train/cross_entropy": cross_entropy, "train/aux_loss": output.aux_loss}, sync_dist=True)
-        self._log_moe_stats(output.layer_stats)
+        log_moe_stats(self, output.layer_stats)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -144,17 +144,3 @@ class LanguageModel(pl.LightningModule):
             total_steps=int(self.trainer.estimated_stepping_batches),
             min_lr_ratio=hp.min_lr_ratio,
         )
-
-    def _log_moe_stats(self, layer_stats: LayerStats) -> None:
-        """Per MoE layer, the stats of the global batch (reduced over data-parallel ranks) as
-        scalars every step, and the load vectors as histograms every `log_every_n_steps`."""
-        stats = reduce_over_ranks(
-            layer_stats, lambda flat: self.trainer.strategy.reduce(flat, reduce_op="sum"), self.trainer.world_size
-        )
-        self.log_dict(moe_scalars(stats))
-        if self.global_step % self.trainer.log_every_n_steps != 0:
-            return
-        for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                for name, values in moe_histograms(stats).items():
-                    logger.experiment.add_histogram(name, values, global_step=self.global_step)

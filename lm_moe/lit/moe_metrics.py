@@ -5,7 +5,9 @@ Names are grouped with `/` so TensorBoard folds them: `moe/block_3/router_entrop
 
 from collections.abc import Callable
 
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import TensorBoardLogger
 
 # Stats that are a vector per expert or slot: logged as histograms plus a max/min load ratio.
 _LOAD_VECTORS = ("tokens_per_expert", "slot_usage")
@@ -54,3 +56,19 @@ def moe_histograms(layer_stats: LayerStats, prefix: str = "moe") -> dict[str, to
         for name, value in stats.items()
         if name in _LOAD_VECTORS
     }
+
+
+def log_moe_stats(module: pl.LightningModule, layer_stats: LayerStats) -> None:
+    """Log, per MoE layer, the stats of the global batch (reduced over data-parallel ranks) as
+    scalars every step, and the load vectors as TensorBoard histograms every `log_every_n_steps`."""
+    trainer = module.trainer
+    stats = reduce_over_ranks(
+        layer_stats, lambda flat: trainer.strategy.reduce(flat, reduce_op="sum"), trainer.world_size
+    )
+    module.log_dict(moe_scalars(stats))
+    if module.global_step % trainer.log_every_n_steps != 0:
+        return
+    for logger in module.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            for name, values in moe_histograms(stats).items():
+                logger.experiment.add_histogram(name, values, global_step=module.global_step)

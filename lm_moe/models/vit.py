@@ -121,7 +121,7 @@ class ViT(nn.Module):
         """The original ViT's: xavier-uniform projections and experts, LeCun-normal patches, N(0, 0.02)
         positions, zero biases, class token and head (uniform predictions at the start). Routers, slot
         embeddings and scales of the MLP layers keep their layer's own init. (GPT's N(0, 0.02) init
-        learned several times slower here: 27% against 49% validation accuracy after 80 steps.)"""
+        learned more slowly on small image data sets.)"""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)

@@ -185,6 +185,7 @@ def test_bf16_autocast_keeps_router_in_fp32(capacity_factor):
         (dict(z_loss_weight=-1), "z_loss_weight"),
         (dict(jitter_noise=1.5), "jitter_noise"),
         (dict(capacity_priority="first"), "capacity_priority"),
+        (dict(capacity_group="image"), "capacity_group"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, name):
@@ -235,3 +236,27 @@ def test_gshard_serves_first_choices_before_second_choices():
     keep = gshard_keep(index, torch.ones_like(index, dtype=torch.bool), 0.5, num_experts=2)
     # Both first choices fit; token 0's second choice (expert 1) loses to token 1's first choice.
     assert keep.tolist() == [[[True, False], [True, False]]]
+
+
+@pytest.mark.parametrize("capacity_priority", ["position", "gshard"])
+def test_batch_capacity_group_equals_the_rows_concatenated_into_one_sequence(capacity_priority):
+    moe = make_moe(capacity_factor=0.5, capacity_priority=capacity_priority, capacity_group="batch")
+    per_sequence = make_moe(capacity_factor=0.5, capacity_priority=capacity_priority)
+    per_sequence.load_state_dict(moe.state_dict())
+    x = torch.randn(3, 6, 8, dtype=torch.float64)
+    grouped, aux = moe(x)
+    concatenated, reference_aux = per_sequence(x.reshape(1, 18, 8))
+    torch.testing.assert_close(grouped, concatenated.view(3, 6, 8), rtol=0, atol=1e-13)
+    assert aux.stats["dropped_fraction"] == reference_aux.stats["dropped_fraction"] > 0
+
+
+def test_batch_capacity_group_makes_rows_depend_on_their_batch_mates():
+    moe = make_moe(capacity_factor=0.5, capacity_group="batch")
+    assert not moe.is_causal and make_moe(capacity_group="batch").is_causal  # dropless: no capacity, no group
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 8, dtype=torch.float64)
+    mates_changed = torch.cat([x[:1], 10 * torch.randn(3, 8, 8, dtype=torch.float64)])
+    # Row 0 goes first, so its drops are its own; row 1's depend on row 0.
+    torch.testing.assert_close(moe(mates_changed)[0][:1], moe(x)[0][:1], rtol=0, atol=0)
+    first_changed = torch.cat([10 * torch.randn(1, 8, 8, dtype=torch.float64), x[1:]])
+    assert (moe(first_changed)[0][1:] - moe(x)[0][1:]).abs().max() > 1e-6

@@ -1,4 +1,4 @@
-"""bf16-mixed tracks fp32 over a few training steps, for every LM config."""
+"""bf16-mixed tracks fp32 over a few training steps, for every LM config and the Soft MoE ViT."""
 
 from pathlib import Path
 
@@ -8,6 +8,8 @@ import torch
 
 from lm_moe import cli
 
+from .test_image_classifier_cli import REPO
+from .test_image_classifier_cli import tiny_args as tiny_vit_args
 from .test_language_model_cli import LM_CONFIGS, tiny_args
 
 # bf16 keeps 8 bits of mantissa: per-step losses (about 6 nats here) may differ in the third digit.
@@ -22,9 +24,10 @@ class LossRecorder(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def training_losses(config: Path, precision: str, cache: Path, work: Path) -> list[float]:
+def training_losses(config: Path, precision: str, cache: Path, work: Path, shrink=tiny_args) -> list[float]:
+    """Per-step training losses of 5 steps of `config` made tiny by `shrink`."""
     built = cli.main(
-        ["-c", str(config), *tiny_args(cache, steps=5), f"--trainer.precision={precision}",
+        ["-c", str(config), *shrink(cache, steps=5), f"--trainer.precision={precision}",
          "--seed_everything=7", f"--trainer.logger.init_args.save_dir={work}/runs", f"--trainer.default_root_dir={work}"],
         run=False,
     )
@@ -42,6 +45,14 @@ def test_bf16_mixed_losses_follow_fp32(config, tmp_path):
     differences = [abs(a - b) for a, b in zip(fp32, bf16)]
     assert max(differences) <= LOSS_TOLERANCE, (fp32, bf16)
     assert all(torch.isfinite(torch.tensor(bf16)))
+
+
+def test_bf16_mixed_losses_of_the_soft_moe_vit_follow_fp32(tmp_path):
+    config = REPO / "configs/vit/soft_moe.yaml"
+    fp32 = training_losses(config, "32-true", tmp_path / "cache", tmp_path, tiny_vit_args)
+    bf16 = training_losses(config, "bf16-mixed", tmp_path / "cache", tmp_path, tiny_vit_args)
+    assert len(fp32) == len(bf16) == 5
+    assert max(abs(a - b) for a, b in zip(fp32, bf16)) <= LOSS_TOLERANCE, (fp32, bf16)
 
 
 def test_fp16_mixed_falls_back_to_bf16_on_cpu(tmp_path):
