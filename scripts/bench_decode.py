@@ -22,16 +22,11 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from lm_moe import cli
 from lm_moe.causality.subjects import ModelSubject
 from lm_moe.profiling.allocator import keep_freed_memory
+from lm_moe.profiling.models import build_from_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def build_model(config: Path, block_size: int):
-    overrides = [f"--data.block_size={block_size}", "--trainer.logger=false"]
-    return cli.main(["-c", str(config), *overrides], run=False).model.model.eval()
 
 
 @torch.no_grad()
@@ -76,7 +71,7 @@ def main() -> None:
     with Progress(transient=True) as progress:
         task = progress.add_task("decoding", total=len(configs) * len(args.contexts))
         for config in configs:
-            model = build_model(config, block_size)
+            model = build_from_config(config, block_size=block_size)
             batch = math.lcm(args.batch, ModelSubject(model).batch_multiple)
             ids = torch.randint(0, model.vocab_size, (batch, block_size))
             for context in args.contexts:

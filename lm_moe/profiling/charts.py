@@ -1,0 +1,41 @@
+"""Line charts of profiling and comparison results as PNG files (matplotlib, no display needed)."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from matplotlib.figure import Figure  # a bare Figure draws with the Agg canvas: no GUI backend involved
+
+
+@dataclass
+class Panel:
+    title: str
+    xlabel: str
+    ylabel: str
+    series: dict[str, list[tuple[float, float]]]  # line label -> (x, y) points
+    log_x: bool = False
+    y_from_zero: bool = False  # rates: an axis from 0 shows ratios honestly
+    hlines: dict[str, float] = field(default_factory=dict)  # label -> y of a dashed reference line
+
+
+def draw(panels: list[Panel], path: Path, title: str = "") -> None:
+    """The panels side by side in one PNG."""
+    figure = Figure(figsize=(5.5 * len(panels), 4.2), layout="constrained")
+    for axes, panel in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
+        for label, points in panel.series.items():
+            points = sorted(points)
+            axes.plot([x for x, _ in points], [y for _, y in points], marker="o", markersize=3, label=label)
+        for label, y in panel.hlines.items():
+            axes.axhline(y, color="grey", linestyle="--", linewidth=1, label=label)
+        if panel.log_x:
+            axes.set_xscale("log", base=2)
+            ticks = sorted({x for points in panel.series.values() for x, _ in points})
+            axes.set_xticks(ticks, [f"{x:g}" for x in ticks])  # the measured values, not powers of two
+        if panel.y_from_zero:
+            axes.set_ylim(bottom=0)
+        axes.set(title=panel.title, xlabel=panel.xlabel, ylabel=panel.ylabel)
+        axes.grid(True, alpha=0.3)
+        if panel.series or panel.hlines:
+            axes.legend(fontsize="small")
+    if title:
+        figure.suptitle(title)
+    figure.savefig(path, dpi=120)

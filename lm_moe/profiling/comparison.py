@@ -1,0 +1,205 @@
+"""The variant comparison: every LM config trained on the same data, token budget and seed, each in
+its own `python -m lm_moe fit` process, then measured on its trained checkpoint.
+
+The output folder of a sweep:
+
+    sweep.json                     the settings; a later invocation on the folder must use the same
+    <variant>/version_<n>/         TensorBoard logs, config.yaml and checkpoints/ of each fit process
+    <variant>/fit_<n>.log          what each fit attempt printed
+    <variant>/trained.json         written once training reached max_steps
+    <variant>/evaluation.json      parameters, decoding speed and causality of the trained model
+
+Resuming: a variant with trained.json (or whose newest last.ckpt is at max_steps) is not trained
+again; one with a last.ckpt short of max_steps continues from it (`--ckpt_path`); one without
+starts from scratch. A fit that fails is recorded with its error, and the sweep goes on.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from lm_moe.causality.checks import Checker, CheckSettings
+from lm_moe.causality.subjects import ModelSubject
+from lm_moe.lit.checkpoints import read_checkpoint
+from lm_moe.profiling.inference import measure_decoding, round_up
+from lm_moe.profiling.model_cost import parameter_counts
+from lm_moe.profiling.models import load_checkpoint
+from lm_moe.profiling.training_curves import StepWatcher, versions
+
+POLL_SECONDS = 5.0  # how often the progress display looks at a running fit's logs
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """What every variant shares; a sweep folder holds results for one set of these."""
+
+    trainer: str  # trainer preset (a config file)
+    max_steps: int
+    val_every: int  # validation (and checkpoint) interval in steps; divides max_steps
+    seed: int
+    overrides: tuple[str, ...] = ()  # config flags for every fit, e.g. --model.n_layer=2
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    decode_batch: int = 4  # rounded up to Mixture of Tokens' group size
+    causality_seeds: int = 1  # 0 = skip the leakage checks
+
+
+def require_same_settings(out: Path, settings: SweepSettings) -> None:
+    """Record the settings in a new sweep folder, or refuse to mix results of other settings into one."""
+    path = out / "sweep.json"
+    wanted = json.loads(json.dumps(asdict(settings)))  # tuples as lists, as read back
+    if not path.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(wanted, indent=2) + "\n")
+        return
+    recorded = json.loads(path.read_text())
+    differences = [f"{key}: {recorded.get(key)!r} there, {value!r} now"
+                   for key, value in wanted.items() if recorded.get(key) != value]
+    if differences:
+        raise ValueError(f"{out} holds a sweep with other settings ({'; '.join(differences)}): "
+                         "give another --out, or the same settings to resume it")
+
+
+def fit_command(config: Path, run_dir: Path, settings: SweepSettings) -> list[str]:
+    """The `python -m lm_moe fit` command line of one variant (logs and checkpoints in run_dir)."""
+    return [
+        sys.executable, "-m", "lm_moe", "fit", "-c", str(config), "-c", settings.trainer, *settings.overrides,
+        # After the overrides: what makes the variants comparable and the sweep resumable.
+        f"--seed_everything={settings.seed}",
+        f"--trainer.max_steps={settings.max_steps}",
+        f"--trainer.val_check_interval={settings.val_every}",
+        "--trainer.check_val_every_n_epoch=null",  # count the interval in steps across epochs
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={run_dir}",
+        f"--trainer.logger.init_args.save_dir={run_dir.parent}",
+        f"--trainer.logger.init_args.name={run_dir.name}",
+        "--trainer.logger.init_args.flush_secs=5",  # the sweep's progress display reads the events
+    ]
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """The last.ckpt of the newest version that has one."""
+    found = [version / "checkpoints" / "last.ckpt" for version in versions(run_dir)]
+    found = [path for path in found if path.is_file()]
+    return found[-1] if found else None
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(read_checkpoint(path)["global_step"])
+
+
+def failure_reason(returncode: int, output: str) -> str:
+    """The error line of a failed fit's output (the exception of a traceback, the CLI's `error:`)."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^([\w.]*(Error|Exception)|error):", line)]
+    reason = (errors or lines or ["no output"])[-1]
+    return f"killed by signal {-returncode}: {reason}" if returncode < 0 else reason
+
+
+def _exited(process: subprocess.Popen, seconds: float) -> bool:
+    """Whether the process ended, waiting up to `seconds` for it."""
+    try:
+        process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+@dataclass
+class Variant:
+    name: str
+    config: Path
+    run_dir: Path
+
+    @property
+    def trained_marker(self) -> Path:
+        return self.run_dir / "trained.json"
+
+    @property
+    def evaluation_file(self) -> Path:
+        return self.run_dir / "evaluation.json"
+
+
+@dataclass
+class TrainingOutcome:
+    trained: bool
+    action: str  # "skipped" (already trained), "trained", "resumed from step <n>", or "failed"
+    reason: str = ""  # why it failed
+    output_tail: str = ""  # the last lines the failed fit printed
+
+
+def train(variant: Variant, settings: SweepSettings, threads: int | None,
+          on_step: Callable[[int], None]) -> TrainingOutcome:
+    """Train one variant to max_steps in a `fit` process (with `threads` CPU threads, None: torch's
+    choice), continuing its last checkpoint if any. `on_step` hears of the steps done while it runs."""
+    if variant.trained_marker.exists():
+        return TrainingOutcome(True, "skipped")
+    variant.run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = last_checkpoint(variant.run_dir)
+    start = checkpoint_step(checkpoint) if checkpoint else 0
+    if start < settings.max_steps:
+        command = fit_command(variant.config, variant.run_dir, settings)
+        command += ["--ckpt_path", str(checkpoint)] if checkpoint else []
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+        log = variant.run_dir / f"fit_{len(list(variant.run_dir.glob('fit_*.log'))) + 1}.log"
+        watcher = StepWatcher(variant.run_dir)
+        with log.open("w") as output:
+            process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
+            while not _exited(process, POLL_SECONDS):
+                on_step(max(start, watcher.step()))
+        text = log.read_text(errors="replace")
+        if process.returncode != 0:
+            tail = "\n".join(text.splitlines()[-30:])
+            return TrainingOutcome(False, "failed", failure_reason(process.returncode, text), tail)
+        checkpoint = last_checkpoint(variant.run_dir)
+        reached = checkpoint_step(checkpoint) if checkpoint else 0
+        if reached < settings.max_steps:
+            return TrainingOutcome(False, "failed", f"fit ended without a checkpoint at step {settings.max_steps} "
+                                                    f"(the last is at step {reached})")
+    variant.trained_marker.write_text(json.dumps({"checkpoint": str(checkpoint), "step": settings.max_steps}) + "\n")
+    action = "trained" if start == 0 else "skipped" if start >= settings.max_steps else f"resumed from step {start}"
+    return TrainingOutcome(True, action)
+
+
+def evaluate(variant: Variant, evaluation: EvaluationSettings) -> dict:
+    """Parameters, decoding speed and causality of the trained checkpoint (computed once, then read back).
+    A part that fails is reported as an error in its place."""
+    if variant.evaluation_file.exists():
+        return json.loads(variant.evaluation_file.read_text())
+    model = load_checkpoint(last_checkpoint(variant.run_dir))
+    result = parameter_counts(model)
+    # Decoding: a prompt of half the context, then cached steps to its end, on the CPU in fp32.
+    batch = round_up(evaluation.decode_batch, ModelSubject(model).batch_multiple)
+    context = model.block_size // 2
+    new_tokens = model.block_size - context
+    result["decode_setting"] = f"batch {batch}, context {context} + {new_tokens} new tokens"
+    try:
+        decoding = measure_decoding(model, batch, context, new_tokens, torch.device("cpu"), memory=False)
+        result["decode_tokens_per_s"] = decoding.decode_tokens_per_s
+    except Exception as error:
+        result["decode_setting"] += f": FAILED, {type(error).__name__}: {error}"
+    result["causality"] = causality_verdict(model, evaluation.causality_seeds)
+    variant.evaluation_file.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def causality_verdict(model: torch.nn.Module, seeds: int) -> str:
+    """PASS, or LEAK with the checks that failed, from the leakage checks in float64 (on the model: it
+    becomes float64)."""
+    if seeds == 0:
+        return "not checked"
+    try:
+        results = Checker(ModelSubject(model.double()), CheckSettings(seeds=tuple(range(seeds)))).results()
+    except Exception as error:
+        return f"ERROR: {type(error).__name__}: {error}"
+    leaks = [f"{result.check} ({result.mode}): {result.verdict}" for result in results if result.leaks]
+    return f"LEAK: {'; '.join(leaks)}" if leaks else "PASS"

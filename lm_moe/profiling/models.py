@@ -1,0 +1,50 @@
+"""The models the profiling tools measure: built from a config (as `python -m lm_moe fit` would
+build it, with random weights) or loaded from a Lightning checkpoint (with its trained weights)."""
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+
+from torch import nn
+
+from lm_moe.lit.checkpoints import read_checkpoint
+
+
+def build_from_config(config: str | Path, overrides: list[str] = (), block_size: int | None = None) -> nn.Module:
+    """The network (GPT or ViT) a config builds, in eval mode. `overrides` are CLI flags such as
+    `--model.n_layer=2`; `block_size` (language models) sets `data.block_size`, the longest
+    context the model takes, after them."""
+    from lm_moe import cli  # the CLI pulls in Lightning's trainer machinery: only when needed
+
+    args = ["-c", str(config), *overrides, "--trainer.logger=false"]
+    if block_size is not None:
+        args.append(f"--data.block_size={block_size}")
+    messages = io.StringIO()
+    try:
+        # The CLI reports a bad config on stderr and exits: turn that into an error naming the config.
+        with contextlib.redirect_stderr(messages), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # a script's own argv
+            return cli.main(args, run=False).model.model.eval()
+    except SystemExit:
+        errors = [line for line in messages.getvalue().splitlines() if line.startswith("error:")]
+        raise ValueError(f"{config}: {errors[-1] if errors else 'the CLI refused the config'}") from None
+
+
+def load_checkpoint(path: str | Path) -> nn.Module:
+    """The trained network of an lm_moe checkpoint (language model or image classifier), in eval mode."""
+    from lm_moe.lit.image_classifier import ImageClassifier
+    from lm_moe.lit.language_model import LanguageModel
+
+    hyper_parameters = read_checkpoint(path)["hyper_parameters"]
+    module_class = ImageClassifier if "num_classes" in hyper_parameters else LanguageModel
+    return module_class.load_from_checkpoint(path, map_location="cpu").model.eval()
+
+
+def checkpoint_name(path: str | Path) -> str:
+    """A short name for a checkpoint: its run's name for runs/<name>/version_<n>/checkpoints/<file>,
+    else the file name without its suffix."""
+    path = Path(path)
+    if path.parent.name == "checkpoints" and path.parent.parent.name.startswith("version_"):
+        return path.parents[2].name
+    return path.stem

@@ -1,0 +1,127 @@
+"""Train every LM variant at matched active FLOPs on the same data, token budget and seed, and compare them.
+
+    python scripts/compare_lm.py --out results/compare                      # every config under configs/lm/
+    python scripts/compare_lm.py --configs configs/lm/dense.yaml configs/lm/top2.yaml --max-steps 600 --val-every 100
+    python scripts/compare_lm.py --out results/compare --model.n_layer=2     # config overrides, for every variant
+
+Each variant trains in its own `python -m lm_moe fit` process (a crash fails that variant only:
+the table reports it as FAILED with its error), with --max-steps steps and --seed for all, its
+TensorBoard logs and checkpoints in <out>/<variant>/ (`tensorboard --logdir <out>`). Then its
+trained checkpoint is measured: total and active parameters, decoding tokens/s (cached, CPU, fp32,
+batch --decode-batch) and the leakage checks (--causality-seeds). Validation runs every
+--val-every steps, which must divide --max-steps: the last step is then validated and checkpointed.
+
+Run it again on the same --out to resume: finished variants are skipped, an interrupted one
+continues from its last checkpoint, a failed one is tried again. The settings must be the same
+(the folder's sweep.json records them).
+
+Writes to --out: results.csv, results.json, table.md (also printed), loss_vs_tokens.png and
+loss_vs_time.png (validation loss of every variant against training tokens and wall time).
+Exit status 1 when a variant failed.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from lm_moe.cli import task_of
+from lm_moe.profiling.comparison import (
+    EvaluationSettings,
+    SweepSettings,
+    Variant,
+    evaluate,
+    require_same_settings,
+    train,
+)
+from lm_moe.profiling.comparison_report import variant_row, write_report
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The script's own options, and the config overrides (`--model.dim=64`) for every variant."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", type=Path, nargs="+", default=sorted((REPO / "configs/lm").glob("*.yaml")),
+                        help="LM configs, one variant each (default: every config under configs/lm/)")
+    parser.add_argument("--trainer", type=Path, default=REPO / "configs/trainer/cpu_quick.yaml", help="trainer preset")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="training steps of every variant (default: the preset's)")
+    parser.add_argument("--val-every", type=int, default=None,
+                        help="validation and checkpoint interval in steps (default: max steps / 10)")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--decode-batch", type=int, default=4)
+    parser.add_argument("--causality-seeds", type=int, default=1, help="random inputs per leakage check (0: skip)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of every process (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=Path("results/compare"))
+    args, overrides = parser.parse_known_args(argv)
+    if args.max_steps is None:
+        args.max_steps = (yaml.safe_load(args.trainer.read_text()) or {}).get("trainer", {}).get("max_steps")
+        if args.max_steps is None:
+            parser.error(f"{args.trainer} sets no trainer.max_steps: give --max-steps")
+    if args.val_every is None:
+        args.val_every = max(1, args.max_steps // 10)
+    if args.max_steps < 1 or args.val_every < 1 or args.max_steps % args.val_every:
+        parser.error(f"--val-every ({args.val_every}) must divide --max-steps ({args.max_steps}), both >= 1, "
+                     "so that the last step is validated and checkpointed")
+    if args.decode_batch < 1 or args.causality_seeds < 0 or (args.threads is not None and args.threads < 1):
+        parser.error("--decode-batch and --threads must be >= 1, --causality-seeds >= 0")
+    names = [config.stem for config in args.configs]
+    if len(set(names)) != len(names):
+        parser.error(f"the configs' file names name the variants and must differ, got {names}")
+    if missing := [str(config) for config in args.configs if not config.is_file()]:
+        parser.error(f"no config file at {', '.join(missing)}")
+    if not_lm := [str(config) for config in args.configs if task_of(["-c", str(config)]) != "lm"]:
+        parser.error(f"the comparison trains language models; not LM configs: {', '.join(not_lm)}")
+    return args, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    settings = SweepSettings(str(args.trainer.resolve()), args.max_steps, args.val_every, args.seed, tuple(overrides))
+    evaluation = EvaluationSettings(args.decode_batch, args.causality_seeds)
+    try:
+        require_same_settings(args.out, settings)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    variants = [Variant(config.stem, config.resolve(), args.out / config.stem) for config in args.configs]
+    console = Console(width=200)
+
+    rows = []
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total} steps"),
+               TimeElapsedColumn()]
+    with Progress(*columns, console=console, refresh_per_second=1) as progress:  # light: fits share the CPU
+        task = progress.add_task("sweep", total=len(variants) * args.max_steps)
+        for index, variant in enumerate(variants):
+            done = index * args.max_steps
+
+            def show(step: int, name: str = variant.name, done: int = done) -> None:
+                progress.update(task, completed=done + step, description=f"{name}: training")
+
+            show(0)
+            outcome = train(variant, settings, args.threads, show)
+            progress.update(task, completed=done + args.max_steps)
+            evaluated = None
+            if outcome.trained:
+                progress.update(task, description=f"{variant.name}: parameters, decoding speed, causality")
+                evaluated = evaluate(variant, evaluation)
+            rows.append(variant_row(variant, outcome, evaluated, args.max_steps))
+            message = f"FAILED: {outcome.reason}" if not outcome.trained else outcome.action
+            progress.console.print(f"{variant.name}: {message}")
+        progress.update(task, description="sweep done")
+
+    print(write_report(args.out, settings, variants, rows))
+    print(f"wrote results.csv, results.json, table.md, loss_vs_tokens.png, loss_vs_time.png to {args.out}")
+    return 1 if any(row["status"] == "FAILED" for row in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
