@@ -59,6 +59,9 @@ def main() -> None:
     args = parser.parse_args()
     if not 0 <= args.warmup < args.steps:
         parser.error(f"--warmup must be in [0, --steps), got {args.warmup} with --steps {args.steps}")
+    if not args.config.is_file():
+        parser.error(f"no config file at {args.config}")
+    args.config = args.config.resolve()  # the fits run in a scratch folder
     quick, ddp = REPO / "configs/trainer/cpu_quick.yaml", REPO / "configs/trainer/cpu_ddp.yaml"
     runs = {
         "32-true": (quick, ["--trainer.precision=32-true"], None),

@@ -112,20 +112,27 @@ TARGETS = {
 BARE_LOOP_TARGET = 0.9  # Lightning / bare loop, for the configs run both ways
 
 
+def parse_timing_options(parser: argparse.ArgumentParser, trainer: Path) -> argparse.Namespace:
+    """Add the options every training benchmark takes (trainer preset, steps, warm-up steps,
+    rounds, --json) to `parser`, and parse the command line."""
+    parser.add_argument("--trainer", type=Path, default=trainer, help="trainer preset")
+    parser.add_argument("--steps", type=int, default=25, help="training steps per run")
+    parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of every config, in turns")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
+    args = parser.parse_args()
+    if not 0 <= args.warmup < args.steps:
+        parser.error(f"--warmup must be in [0, --steps), got {args.warmup} with --steps {args.steps}")
+    return args
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", type=Path, action="append", default=None,
                         help="LM config (repeatable; default: every config under configs/lm/)")
     parser.add_argument("--bare", nargs="*", default=["dense", "top2"],
                         help="config names also timed through the bare PyTorch loop")
-    parser.add_argument("--trainer", type=Path, default=REPO / "configs/trainer/cpu_quick.yaml")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-    if not 0 <= args.warmup < args.steps:
-        parser.error(f"--warmup must be in [0, --steps), got {args.warmup} with --steps {args.steps}")
+    args = parse_timing_options(parser, REPO / "configs/trainer/cpu_quick.yaml")
     configs = {path.stem: path for path in (args.config or sorted((REPO / "configs/lm").glob("*.yaml")))}
     keep_freed_memory()
 

@@ -20,7 +20,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from bench_train import StepTimer, build  # the LM benchmark's Lightning helpers (same folder)
+from bench_train import StepTimer, build, parse_timing_options  # the LM benchmark's Lightning helpers (same folder)
 from lm_moe.profiling.allocator import keep_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,14 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", type=Path, action="append", default=None,
                         help="ViT config (repeatable; default: every config under configs/vit/); dense.yaml is the reference")
-    parser.add_argument("--trainer", type=Path, default=REPO / "configs/trainer/cpu_quick_vit.yaml")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-    if not 0 <= args.warmup < args.steps:
-        parser.error(f"--warmup must be in [0, --steps), got {args.warmup} with --steps {args.steps}")
+    args = parse_timing_options(parser, REPO / "configs/trainer/cpu_quick_vit.yaml")
     configs = {path.stem: path for path in (args.config or sorted((REPO / "configs/vit").glob("*.yaml")))}
     keep_freed_memory()
 

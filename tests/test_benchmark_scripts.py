@@ -54,3 +54,24 @@ def test_bench_decode_reports_cached_and_recomputed_time_per_context(tmp_path):
     assert [(row["config"], row["context"]) for row in rows] == [("dense", 8), ("dense", 16), ("top2", 8), ("top2", 16)]
     assert all(row["speedup"] == row["recompute_ms_per_token"] / row["cached_ms_per_token"] for row in rows)
     assert "cache speed-up" in printed
+
+
+def test_bench_vit_compares_soft_moe_with_dense(tmp_path):
+    out = tmp_path / "vit.json"
+    args = ["-c", "configs/vit/dense.yaml", "-c", "configs/vit/soft_moe.yaml", "--steps=3", "--warmup=1", "--rounds=1"]
+    printed = run_script("bench_vit.py", *args, f"--json={out}", cache_dir=tmp_path)
+    summary = json.loads(out.read_text())
+    assert set(summary["ratios"]) == {"soft_moe / dense"}
+    assert summary["ratios"]["soft_moe / dense"] == summary["median"]["soft_moe"] / summary["median"]["dense"]
+    assert "soft_moe / dense" in printed
+
+
+def test_bench_scaling_compares_precisions_and_ddp_through_the_cli(tmp_path):
+    out = tmp_path / "scaling.json"
+    args = ["-c", "configs/lm/dense.yaml", "--steps=3", "--warmup=1", "--rounds=1", "--batch=2", f"--json={out}"]
+    printed = run_script("bench_scaling.py", *args, cache_dir=tmp_path)
+    summary = json.loads(out.read_text())
+    assert set(summary["median"]) == {"32-true", "bf16-mixed", "1 process, 2 threads", "2-process DDP, 1 thread each"}
+    ddp = summary["median"]["2-process DDP, 1 thread each"] / summary["median"]["1 process, 2 threads"]
+    assert summary["ratios"]["2-process DDP / 1 process"] == ddp
+    assert "bf16-mixed / 32-true" in printed

@@ -16,11 +16,6 @@ def tiny_vit(mlp=None, **overrides) -> ViT:
     return ViT(**{**settings, **overrides})
 
 
-def _randomise_head(model: ViT) -> ViT:
-    torch.nn.init.normal_(model.head.weight)  # a zero head would make the tests below vacuous
-    return model
-
-
 def soft_moe(**init_args):
     return partial(SoftMoE, **{"hidden_dim": 8, "num_experts": 4, **init_args})
 
@@ -76,7 +71,7 @@ def test_moe_stats_and_aux_loss_are_reported_per_moe_block():
 
 
 def test_every_parameter_gets_a_gradient():
-    model = _randomise_head(tiny_vit(soft_moe(), pool="cls"))
+    model = tiny_vit(soft_moe(), pool="cls")
     model(torch.randn(2, 1, 8, 8)).logits.square().sum().backward()
     assert [name for name, p in model.named_parameters() if p.grad is None or not p.grad.any()] == []
 
@@ -101,7 +96,7 @@ def _row0_changes_with_batch_mates(model: ViT) -> tuple[float, float]:
 
 
 def test_soft_moe_vit_is_per_example_deterministic():
-    row0, row1 = _row0_changes_with_batch_mates(_randomise_head(tiny_vit(soft_moe(), moe_blocks="all")))
+    row0, row1 = _row0_changes_with_batch_mates(tiny_vit(soft_moe(), moe_blocks="all"))
     assert row0 == 0.0
     assert row1 > 1e-3  # not vacuous: the changed rows do change
 
@@ -112,7 +107,7 @@ def test_capacity_limited_topk_vit_depends_on_batch_mates_only_with_a_batch_capa
     an image's drops, so its logits, depend on the images before it; with the default per-image
     capacity (tokens in patch order) they do not."""
     mlp = partial(TopKMoE, hidden_dim=8, num_experts=4, top_k=2, capacity_factor=0.5, capacity_group=capacity_group)
-    model = _randomise_head(tiny_vit(mlp, moe_blocks="all")).double()
+    model = tiny_vit(mlp, moe_blocks="all").double()
     images = torch.randn(4, 1, 8, 8, dtype=torch.float64)
     assert model(images).layer_stats["block_0"]["dropped_fraction"] > 0.3  # the capacity does bite
     changed_first = images.clone()

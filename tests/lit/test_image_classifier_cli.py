@@ -9,6 +9,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lm_moe import cli
 from lm_moe.layers import SoftMoE
 
+from .tiny_runs import tiny_run_args
+
 REPO = Path(__file__).resolve().parents[2]
 VIT_CONFIGS = sorted((REPO / "configs" / "vit").glob("*.yaml"))
 QUICK_TRAINER = REPO / "configs" / "trainer" / "cpu_quick_vit.yaml"
@@ -26,13 +28,7 @@ def tiny_args(cache_dir: Path, steps: int = 4) -> list[str]:
         "--model.dense_hidden_dim=64",
         "--model.warmup_steps=2",
         "--data.batch_size=32",
-        f"--data.cache_dir={cache_dir}",
-        f"--trainer.max_steps={steps}",
-        "--trainer.val_check_interval=2",
-        "--trainer.limit_val_batches=2",
-        "--trainer.log_every_n_steps=1",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
+        *tiny_run_args(cache_dir, steps),
     ]
 
 
@@ -148,10 +144,10 @@ def test_bad_settings_fail_before_training_with_a_clear_error(tmp_path, override
 
 def test_accuracy_on_the_offline_default_rises_well_above_chance(tmp_path, monkeypatch):
     """100 steps of a toy ViT (a Soft MoE of 8 experts in its second block) on the real digits.
-    Augmentation is off: it slows a run this short (measured: 51% after 100 steps)."""
+    Augmentation is off: it slows a run this short (measured: 73% after 100 steps)."""
     monkeypatch.chdir(tmp_path)
     run = fit(REPO / "configs/vit/soft_moe.yaml", tmp_path / "cache", "--data.batch_size=64", "--data.crop_padding=0",
               "--model.mlp.init_args.num_experts=8", "--model.mlp.init_args.hidden_dim=64", "--model.learning_rate=0.003",
               "--model.warmup_steps=10", "--trainer.val_check_interval=100", "--trainer.limit_val_batches=null", steps=100)
     accuracy = run.trainer.callback_metrics["val/acc_top1"].item()
-    assert accuracy > 0.35, accuracy  # chance: 0.1
+    assert accuracy > 0.5, accuracy  # chance: 0.1

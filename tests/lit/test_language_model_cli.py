@@ -9,6 +9,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lm_moe import cli, sample
 
+from .tiny_runs import tiny_run_args
+
 REPO = Path(__file__).resolve().parents[2]
 LM_CONFIGS = sorted((REPO / "configs" / "lm").glob("*.yaml"))
 
@@ -26,13 +28,7 @@ def tiny_args(cache_dir: Path, steps: int = 4) -> list[str]:
         "--data.block_size=32",
         "--data.batch_size=4",
         "--data.val_fraction=0.2",
-        f"--data.cache_dir={cache_dir}",
-        f"--trainer.max_steps={steps}",
-        "--trainer.val_check_interval=2",
-        "--trainer.limit_val_batches=2",
-        "--trainer.log_every_n_steps=1",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
+        *tiny_run_args(cache_dir, steps),
     ]
 
 

@@ -1,0 +1,17 @@
+"""Trainer flags that make any config's run a few seconds long, for the CLI tests of both tasks."""
+
+from pathlib import Path
+
+
+def tiny_run_args(cache_dir: Path, steps: int) -> list[str]:
+    """`steps` training steps, validation of 2 batches every 2 steps, logging every step, no
+    progress bar or model summary, the data cached in `cache_dir`."""
+    return [
+        f"--data.cache_dir={cache_dir}",
+        f"--trainer.max_steps={steps}",
+        "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=2",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
