@@ -42,8 +42,8 @@ from torch import nn
 from lm_moe.layers.checks import require_choice, require_positive_int
 from lm_moe.layers.ffn import ExpertWeights, compute_dtype
 from lm_moe.layers.layer_output import LayerAux
-from lm_moe.layers.routing import masked_mean
-from lm_moe.layers.soft_moe import entropy, soft_routing_logits
+from lm_moe.layers.routing import entropy, masked_mean
+from lm_moe.layers.soft_moe import soft_routing_logits
 
 SUMMARIES = ("prefix", "previous")
 

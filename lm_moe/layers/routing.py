@@ -94,10 +94,14 @@ def router_z_loss(routing: TopKRouting, valid: torch.Tensor | None = None) -> to
     return masked_mean(torch.logsumexp(routing.logits, dim=-1) ** 2, valid)
 
 
+def entropy(probs: torch.Tensor, dim: int) -> torch.Tensor:
+    """Entropy in nats of the distributions along `dim` (0 log 0 = 0), in one fused pass."""
+    return torch.special.entr(probs).sum(dim=dim)
+
+
 def router_entropy(routing: TopKRouting, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Mean entropy (nats) of the router distribution over experts; ln(E) = uniform."""
-    entropy = -(routing.probs * torch.log(routing.probs.clamp_min(1e-30))).sum(dim=-1)  # [N]
-    return masked_mean(entropy, valid)
+    return masked_mean(entropy(routing.probs, dim=-1), valid)  # mean over tokens of [N]
 
 
 def prefix_capacity(capacity_factor: float, top_k: int, num_experts: int, seq_len: int, start: int = 0) -> torch.Tensor:

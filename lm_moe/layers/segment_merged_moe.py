@@ -44,8 +44,7 @@ from torch import nn
 from lm_moe.layers.checks import require_choice, require_positive_int
 from lm_moe.layers.ffn import ExpertWeights, compute_dtype
 from lm_moe.layers.layer_output import LayerAux
-from lm_moe.layers.routing import masked_mean, routing_dtype
-from lm_moe.layers.soft_moe import entropy
+from lm_moe.layers.routing import entropy, masked_mean, routing_dtype
 
 FIRST_SEGMENT_MODES = ("prior", "self")
 

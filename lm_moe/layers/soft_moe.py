@@ -23,7 +23,7 @@ from torch import nn
 from lm_moe.layers.checks import require_positive_int
 from lm_moe.layers.ffn import ExpertWeights, compute_dtype
 from lm_moe.layers.layer_output import LayerAux
-from lm_moe.layers.routing import masked_mean, routing_dtype
+from lm_moe.layers.routing import entropy, masked_mean, routing_dtype
 
 _NORM_EPS = 1e-6
 
@@ -38,11 +38,6 @@ def soft_routing_logits(x: torch.Tensor, slot_embeddings: torch.Tensor, scale: t
         x_unit = F.normalize(x.to(dtype), dim=-1, eps=_NORM_EPS)  # [B, T, D]
         slots_unit = F.normalize(slot_embeddings.to(dtype), dim=0, eps=_NORM_EPS)  # [D, S]
         return x_unit @ (scale.to(dtype) * slots_unit)  # [B, T, S]
-
-
-def entropy(probs: torch.Tensor, dim: int) -> torch.Tensor:
-    """Entropy in nats of the distributions along `dim`."""
-    return -(probs * torch.log(probs.clamp_min(1e-30))).sum(dim=dim)
 
 
 class SoftMoE(nn.Module):
