@@ -22,7 +22,8 @@ from pathlib import Path
 from rich import box
 from rich.console import Console
 from rich.table import Table
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lm_moe.profiling.training_curves import median_scalar
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"bf16-mixed / 32-true": 1.1, "2-process DDP / 1 process": 0.9}
@@ -42,10 +43,7 @@ def tokens_per_sec(config: Path, trainer: Path, extra: list[str], steps: int, wa
     result = subprocess.run(args, cwd=work, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"fit failed:\n{result.stderr[-3000:]}")
-    events = EventAccumulator(str(work / run_name / "version_0"))
-    events.Reload()
-    rates = [event.value for event in events.Scalars("perf/train_tokens_per_sec") if event.step >= warmup]
-    return statistics.median(rates)
+    return median_scalar(work / run_name, "perf/train_tokens_per_sec", from_step=warmup)
 
 
 def main() -> None:

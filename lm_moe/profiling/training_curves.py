@@ -73,9 +73,11 @@ def curve(run_dir: Path, tag: str = "val/loss") -> list[CurvePoint]:
     return [points[step] for step in sorted(points)]
 
 
-def median_scalar(run_dir: Path, tag: str) -> float | None:
-    """The median of every value of `tag` the run logged (over all its versions), None if none."""
-    values = [scalar.value for version in versions(run_dir) for scalar in _scalars(_events(version), tag)]
+def median_scalar(run_dir: Path, tag: str, from_step: int = 0) -> float | None:
+    """The median of the values of `tag` the run logged (over all its versions) at logged steps
+    >= `from_step` (to leave warm-up steps out), None if none."""
+    values = [scalar.value for version in versions(run_dir) for scalar in _scalars(_events(version), tag)
+              if scalar.step >= from_step]
     return statistics.median(values) if values else None
 
 
