@@ -75,3 +75,9 @@ def test_bench_scaling_compares_precisions_and_ddp_through_the_cli(tmp_path):
     ddp = summary["median"]["2-process DDP, 1 thread each"] / summary["median"]["1 process, 2 threads"]
     assert summary["ratios"]["2-process DDP / 1 process"] == ddp
     assert "bf16-mixed / 32-true" in printed
+
+
+def test_bench_scaling_refuses_a_missing_config():
+    result = subprocess.run([sys.executable, str(REPO / "scripts/bench_scaling.py"), "-c", "configs/lm/nope.yaml"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode != 0 and "no config file at configs/lm/nope.yaml" in result.stderr

@@ -16,7 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 from lm_moe.profiling.comparison import SweepSettings, failure_reason, fit_command, require_same_settings
 from lm_moe.profiling.model_cost import parameter_counts
 from lm_moe.profiling.models import build_from_config
-from lm_moe.profiling.training_curves import curve
+from lm_moe.profiling.training_curves import curve, median_scalar
 
 REPO = Path(__file__).resolve().parents[1]
 LM_CONFIGS = sorted((REPO / "configs/lm").glob("*.yaml"))
@@ -51,6 +51,18 @@ def test_validation_curve_joins_a_resumed_run(tmp_path):
     points = curve(run)
     assert [(point.step, point.value) for point in points] == [(4, 5.0), (8, 4.0), (12, 3.0)]
     assert [round(point.seconds) for point in points] == [10, 20, 35]  # the pause between the runs left out
+
+
+def test_median_of_a_logged_scalar_over_versions_leaves_warm_up_steps_out(tmp_path):
+    run = tmp_path / "dense"
+    for version, values in enumerate([[100.0, 10.0, 20.0], [30.0, 40.0]]):
+        writer = SummaryWriter(run / f"version_{version}")
+        for index, value in enumerate(values):
+            writer.add_scalar("perf/train_tokens_per_sec", value, 3 * version + index)
+        writer.close()
+    assert median_scalar(run, "perf/train_tokens_per_sec") == 30.0  # of 100, 10, 20, 30, 40
+    assert median_scalar(run, "perf/train_tokens_per_sec", from_step=1) == 25.0  # of 10, 20, 30, 40
+    assert median_scalar(run, "val/loss") is None
 
 
 def test_failure_reason_is_the_error_line():

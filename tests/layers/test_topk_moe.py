@@ -6,6 +6,7 @@ import torch
 from lm_moe.layers import TopKMoE
 from lm_moe.layers.routing import (
     TopKRouting,
+    entropy,
     gshard_keep,
     prefix_capacity,
     load_balancing_loss,
@@ -260,3 +261,18 @@ def test_batch_capacity_group_makes_rows_depend_on_their_batch_mates():
     torch.testing.assert_close(moe(mates_changed)[0][:1], moe(x)[0][:1], rtol=0, atol=0)
     first_changed = torch.cat([10 * torch.randn(1, 8, 8, dtype=torch.float64), x[1:]])
     assert (moe(first_changed)[0][1:] - moe(x)[0][1:]).abs().max() > 1e-6
+
+
+def test_entropy_on_hand_computed_cases():
+    probs = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.25, 0.25, 0.5]], dtype=torch.float64)
+    expected = torch.tensor([math.log(2), 0.0, 1.5 * math.log(2)], dtype=torch.float64)  # 0 log 0 = 0
+    torch.testing.assert_close(entropy(probs, dim=-1), expected, rtol=0, atol=1e-15)
+    torch.testing.assert_close(entropy(probs.T, dim=0), expected, rtol=0, atol=1e-15)
+
+
+def test_router_entropy_is_the_mean_over_real_tokens():
+    probs = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.5, 0.5]], dtype=torch.float64)
+    routing = TopKRouting(logits=probs.log(), probs=probs, expert_index=torch.zeros(3, 1, dtype=torch.long), weight=None)
+    assert router_entropy(routing).item() == pytest.approx(2 * math.log(2) / 3)
+    valid = torch.tensor([True, True, False])  # the third token is padding
+    assert router_entropy(routing, valid).item() == pytest.approx(math.log(2) / 2)

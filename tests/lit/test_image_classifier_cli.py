@@ -119,6 +119,14 @@ def test_data_links_classes_size_and_channels_into_the_model(tmp_path):
     assert model.moe_indices == {1}  # second half of 2 blocks
 
 
+def test_without_a_trainer_preset_a_vit_config_trains_30_epochs_and_a_preset_caps_the_steps(tmp_path):
+    config = REPO / "configs/vit/soft_moe.yaml"
+    bare = cli.main(["-c", str(config), f"--data.cache_dir={tmp_path}"], run=False).trainer
+    assert (bare.max_epochs, bare.max_steps) == (30, -1)
+    with_preset = cli.main(["-c", str(config), "-c", str(QUICK_TRAINER), f"--data.cache_dir={tmp_path}"], run=False).trainer
+    assert with_preset.max_steps == 600
+
+
 def test_experts_and_slots_sweep_from_the_command_line(tmp_path):
     built = build(REPO / "configs/vit/soft_moe.yaml", tmp_path,
                   "--model.mlp.init_args.num_experts=16", "--model.mlp.init_args.slots_per_expert=2")
