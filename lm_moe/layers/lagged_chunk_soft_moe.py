@@ -42,7 +42,7 @@ from torch import nn
 from lm_moe.layers.checks import require_choice, require_positive_int
 from lm_moe.layers.ffn import ExpertWeights, compute_dtype
 from lm_moe.layers.layer_output import LayerAux
-from lm_moe.layers.routing import entropy, masked_mean
+from lm_moe.layers.routing import masked_mean, softmax_entropy
 from lm_moe.layers.soft_moe import soft_routing_logits
 
 SUMMARIES = ("prefix", "previous")
@@ -212,7 +212,7 @@ class LaggedChunkSoftMoE(nn.Module):
         slot_usage = masked_mean(per_token_combine, valid)  # [S], sums to 1
         return {
             "dispatch_entropy": masked_mean(dispatch_entropy.mean(-1).reshape(-1), read.reshape(-1)).float(),
-            "combine_entropy": masked_mean(entropy(per_token_combine, dim=-1), valid).float(),
+            "combine_entropy": masked_mean(softmax_entropy(combine, logits, dim=-1).reshape(-1), valid).float(),
             "slot_usage": slot_usage.float(),
             "slot_usage_spread": (slot_usage.std(correction=0) / slot_usage.mean()).float(),
         }

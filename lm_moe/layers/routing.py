@@ -99,6 +99,19 @@ def entropy(probs: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.special.entr(probs).sum(dim=dim)
 
 
+def softmax_entropy(probs: torch.Tensor, logits: torch.Tensor, dim: int) -> torch.Tensor:
+    """Entropy in nats along `dim` of `probs`, the softmax of `logits` over the entries where
+    `probs` > 0 (entries zeroed out, such as padding, are left out; an all-zero row scores 0).
+
+    H = logsumexp(L) - sum p L, and logsumexp(L) = L_k - log p_k for any kept k; k = the most
+    likely entry keeps the log exact (p_k >= 1/n). No log per element, unlike `entropy`.
+    """
+    top, index = probs.max(dim=dim, keepdim=True)
+    log_normalizer = (logits.gather(dim, index) - top.log()).squeeze(dim)
+    top = top.squeeze(dim)
+    return torch.where(top > 0, log_normalizer - torch.linalg.vecdot(probs, logits, dim=dim), 0)
+
+
 def router_entropy(routing: TopKRouting, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Mean entropy (nats) of the router distribution over experts; ln(E) = uniform."""
     return masked_mean(entropy(routing.probs, dim=-1), valid)  # mean over tokens of [N]

@@ -23,7 +23,7 @@ from torch import nn
 from lm_moe.layers.checks import require_positive_int
 from lm_moe.layers.ffn import ExpertWeights, compute_dtype
 from lm_moe.layers.layer_output import LayerAux
-from lm_moe.layers.routing import entropy, masked_mean, routing_dtype
+from lm_moe.layers.routing import masked_mean, routing_dtype, softmax_entropy
 
 _NORM_EPS = 1e-6
 
@@ -35,9 +35,11 @@ def soft_routing_logits(x: torch.Tensor, slot_embeddings: torch.Tensor, scale: t
     """
     dtype = routing_dtype(x)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        x_unit = F.normalize(x.to(dtype), dim=-1, eps=_NORM_EPS)  # [B, T, D]
+        x = x.to(dtype)
         slots_unit = F.normalize(slot_embeddings.to(dtype), dim=0, eps=_NORM_EPS)  # [D, S]
-        return x_unit @ (scale.to(dtype) * slots_unit)  # [B, T, S]
+        # Dividing the [B, T, S] product by |x| is F.normalize(x) without its [B, T, D] pass.
+        inverse_norm = x.norm(dim=-1, keepdim=True).clamp_min(_NORM_EPS).reciprocal()  # [B, T, 1]
+        return (x @ (scale.to(dtype) * slots_unit)) * inverse_norm  # [B, T, S]
 
 
 class SoftMoE(nn.Module):
@@ -80,26 +82,29 @@ class SoftMoE(nn.Module):
         combine = logits.softmax(dim=2)  # [B, T, S]
 
         dtype = compute_dtype(x)
-        slot_in = torch.einsum("bts,btd->bsd", dispatch.to(dtype), x.to(dtype))  # [B, S, D]
+        slot_in = torch.bmm(dispatch.to(dtype).transpose(1, 2), x.to(dtype))  # [B, S, D]
         expert_in = slot_in.view(B, E, P, D).transpose(0, 1).reshape(E, B * P, D)  # [E, B*P, D]
         expert_out = self.experts.forward_batched(expert_in)  # [E, B*P, D]
         slot_out = expert_out.view(E, B, P, D).transpose(0, 1).reshape(B, E * P, D)  # [B, S, D]
         if mask is not None:
             combine = combine * mask.unsqueeze(-1)
-        y = torch.einsum("bts,bsd->btd", combine.to(slot_out.dtype), slot_out)  # [B, T, D]
+        y = torch.bmm(combine.to(slot_out.dtype), slot_out)  # [B, T, D]
         aux = LayerAux.empty(x)
-        aux.stats = self._stats(dispatch, combine, mask)
+        aux.stats = self._stats(logits, dispatch, combine, mask)
         return y, aux
 
     @staticmethod
-    def _stats(dispatch: torch.Tensor, combine: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def _stats(
+        logits: torch.Tensor, dispatch: torch.Tensor, combine: torch.Tensor, mask: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """Routing health from the logits [B, T, S] and their two softmaxes."""
         with torch.no_grad():
             valid = None if mask is None else mask.reshape(-1)  # [B*T]
-            per_token_combine = combine.reshape(-1, combine.shape[-1])  # [B*T, S]
-            slot_usage = masked_mean(per_token_combine, valid)  # [S], sums to 1
+            slot_usage = masked_mean(combine.reshape(-1, combine.shape[-1]), valid)  # [S], sums to 1
+            combine_entropy = softmax_entropy(combine, logits, dim=-1).reshape(-1)  # [B*T]
             return {
-                "dispatch_entropy": entropy(dispatch, dim=1).mean().float(),
-                "combine_entropy": masked_mean(entropy(per_token_combine, dim=-1), valid).float(),
+                "dispatch_entropy": softmax_entropy(dispatch, logits, dim=1).mean().float(),
+                "combine_entropy": masked_mean(combine_entropy, valid).float(),
                 "slot_usage": slot_usage.float(),
                 "slot_usage_spread": (slot_usage.std(correction=0) / slot_usage.mean()).float(),
             }

@@ -1,8 +1,10 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lm_moe.layers import SoftMoE
 from lm_moe.layers import soft_moe as soft_moe_module
+from lm_moe.layers.routing import entropy
 
 from . import reference
 from .mixed_precision import check_bf16_training_step, record_dtypes
@@ -97,6 +99,21 @@ def test_stats_describe_the_routing():
     assert aux.stats["combine_entropy"].item() == pytest.approx(torch.log(torch.tensor(4.0)).item())
     torch.testing.assert_close(aux.stats["slot_usage"], torch.full((4,), 0.25))
     assert aux.stats["slot_usage_spread"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_entropy_stats_equal_those_of_the_paper_softmaxes_with_padding():
+    layer = make_soft_moe(num_experts=4, slots_per_expert=2)
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 3:] = False
+    _, aux = layer(x, mask)
+    logits = F.normalize(x, dim=-1) @ (layer.scale * F.normalize(layer.slot_embeddings, dim=0))  # [B, T, S]
+    dispatch_entropy = torch.stack(
+        [entropy(logits[b, mask[b]].softmax(dim=0), dim=0) for b in range(2)]
+    )  # [B, S], each row's slots over its real tokens
+    combine_entropy = entropy(logits[mask].softmax(dim=-1), dim=-1)  # [real tokens]
+    assert aux.stats["dispatch_entropy"].item() == pytest.approx(dispatch_entropy.mean().item(), rel=1e-6)
+    assert aux.stats["combine_entropy"].item() == pytest.approx(combine_entropy.mean().item(), rel=1e-6)
 
 
 def test_bf16_autocast_keeps_router_in_fp32(monkeypatch):

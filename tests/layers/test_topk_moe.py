@@ -12,6 +12,7 @@ from lm_moe.layers.routing import (
     load_balancing_loss,
     position_priority_keep,
     router_entropy,
+    softmax_entropy,
     router_z_loss,
 )
 
@@ -268,6 +269,26 @@ def test_entropy_on_hand_computed_cases():
     expected = torch.tensor([math.log(2), 0.0, 1.5 * math.log(2)], dtype=torch.float64)  # 0 log 0 = 0
     torch.testing.assert_close(entropy(probs, dim=-1), expected, rtol=0, atol=1e-15)
     torch.testing.assert_close(entropy(probs.T, dim=0), expected, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("logit_scale", [0.1, 3.0, 30.0])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_softmax_entropy_equals_the_entropy_of_the_softmax(logit_scale, dim):
+    torch.manual_seed(0)
+    logits = logit_scale * torch.randn(6, 5, dtype=torch.float64)
+    probs = logits.softmax(dim=dim)
+    torch.testing.assert_close(softmax_entropy(probs, logits, dim=dim), entropy(probs, dim=dim), rtol=0, atol=1e-12)
+
+
+def test_softmax_entropy_leaves_zeroed_entries_out():
+    # SoftMoE's padding: dispatch is a softmax over the real tokens only, combine is zero on padding.
+    logits = torch.randn(4, 3, dtype=torch.float64)
+    valid = torch.tensor([True, True, False, False])
+    dispatch = logits.masked_fill(~valid[:, None], float("-inf")).softmax(dim=0)  # [4, 3]
+    torch.testing.assert_close(softmax_entropy(dispatch, logits, dim=0), entropy(dispatch, dim=0), rtol=0, atol=1e-12)
+    combine = logits.softmax(dim=1) * valid[:, None]  # [4, 3]
+    expected = torch.cat([entropy(combine[:2], dim=1), torch.zeros(2, dtype=torch.float64)])
+    torch.testing.assert_close(softmax_entropy(combine, logits, dim=1), expected, rtol=0, atol=1e-12)
 
 
 def test_router_entropy_is_the_mean_over_real_tokens():
