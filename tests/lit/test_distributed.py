@@ -55,17 +55,24 @@ def test_two_process_ddp_fit_completes_and_resumes_in_one_process(config, tmp_pa
 def _ddp_gradients(rank: int, world_size: int, config: str, state: dict, init_file: str, ids: torch.Tensor, out_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        model = _tiny_model(config)
-        model.load_state_dict(state)
-        shard = ids.chunk(world_size)[rank]  # [B / world, T + 1]
-        # DDP wraps what returns the loss, as Lightning wraps training_step; it must outlive the
-        # backward pass, whose hooks it owns.
-        ddp = DistributedDataParallel(_LossOf(model))
-        ddp(shard).backward()
-        if rank == 0:
-            torch.save({name: p.grad for name, p in model.named_parameters()}, out_file)
+        _ddp_backward(rank, world_size, config, state, ids, out_file)
     finally:
+        # The DDP wrapper is gone by now. Had its reducer held the last reference to the gloo
+        # group, the group's destructor would join gloo's threads while holding the GIL, and a
+        # thread still releasing its last work item needs the GIL: a deadlock at exit, now and then.
         dist.destroy_process_group()
+
+
+def _ddp_backward(rank: int, world_size: int, config: str, state: dict, ids: torch.Tensor, out_file: str) -> None:
+    model = _tiny_model(config)
+    model.load_state_dict(state)
+    shard = ids.chunk(world_size)[rank]  # [B / world, T + 1]
+    # DDP wraps what returns the loss, as Lightning wraps training_step; it must outlive the
+    # backward pass, whose hooks it owns.
+    ddp = DistributedDataParallel(_LossOf(model))
+    ddp(shard).backward()
+    if rank == 0:
+        torch.save({name: p.grad for name, p in model.named_parameters()}, out_file)
 
 
 def _tiny_model(config: str):
