@@ -43,8 +43,8 @@ from torch import nn
 from lm_moe.layers.checks import require_positive_float, require_positive_int
 from lm_moe.layers.ffn import ExpertWeights, compute_dtype
 from lm_moe.layers.layer_output import LayerAux
-from lm_moe.layers.routing import masked_mean, softmax_entropy
-from lm_moe.layers.soft_moe import soft_routing_logits
+from lm_moe.layers.routing import masked_mean
+from lm_moe.layers.soft_moe import combine_stats, soft_routing_logits
 
 # Positions per block of the prefix sums: inside a block they are a [block, block] matmul.
 _BLOCK = 32
@@ -205,11 +205,7 @@ class CumulativeSoftMoE(nn.Module):
         dispatch_entropy = den.log() - v_log_v / den  # [B, T, S]
 
         valid = None if mask is None else mask.reshape(-1)  # [B*T]
-        per_token_combine = combine.reshape(-1, combine.shape[-1])  # [B*T, S]
-        slot_usage = masked_mean(per_token_combine, valid)  # [S], sums to 1
         return {
             "dispatch_entropy": masked_mean(dispatch_entropy.mean(-1).reshape(-1), valid).float(),
-            "combine_entropy": masked_mean(softmax_entropy(combine, logits, dim=-1).reshape(-1), valid).float(),
-            "slot_usage": slot_usage.float(),
-            "slot_usage_spread": (slot_usage.std(correction=0) / slot_usage.mean()).float(),
+            **combine_stats(logits, combine, valid),
         }

@@ -42,8 +42,8 @@ from torch import nn
 from lm_moe.layers.checks import require_choice, require_positive_int
 from lm_moe.layers.ffn import ExpertWeights, compute_dtype
 from lm_moe.layers.layer_output import LayerAux
-from lm_moe.layers.routing import masked_mean, softmax_entropy
-from lm_moe.layers.soft_moe import soft_routing_logits
+from lm_moe.layers.routing import masked_mean
+from lm_moe.layers.soft_moe import combine_stats, soft_routing_logits
 
 SUMMARIES = ("prefix", "previous")
 
@@ -208,11 +208,7 @@ class LaggedChunkSoftMoE(nn.Module):
         read = torch.ones(B, K - 1, dtype=torch.bool, device=logits.device) if mask is None else mask[:, C::C]
 
         valid = None if mask is None else mask.reshape(-1)  # [B*T]
-        per_token_combine = combine.reshape(-1, S)  # [B*T, S]
-        slot_usage = masked_mean(per_token_combine, valid)  # [S], sums to 1
         return {
             "dispatch_entropy": masked_mean(dispatch_entropy.mean(-1).reshape(-1), read.reshape(-1)).float(),
-            "combine_entropy": masked_mean(softmax_entropy(combine, logits, dim=-1).reshape(-1), valid).float(),
-            "slot_usage": slot_usage.float(),
-            "slot_usage_spread": (slot_usage.std(correction=0) / slot_usage.mean()).float(),
+            **combine_stats(logits, combine, valid),
         }

@@ -38,7 +38,7 @@ from lm_moe.layers.checks import require_positive_int
 from lm_moe.layers.ffn import ExpertWeights, compute_dtype
 from lm_moe.layers.layer_output import LayerAux
 from lm_moe.layers.routing import entropy, masked_mean
-from lm_moe.layers.soft_moe import soft_routing_logits
+from lm_moe.layers.soft_moe import combine_stats, soft_routing_logits
 
 
 class MixtureOfTokens(nn.Module):
@@ -95,7 +95,7 @@ class MixtureOfTokens(nn.Module):
         slot_out = expert_out.view(S, n, T, D)  # [S, n, T, D]
         y = torch.einsum("ngts,sntd->ngtd", combine.to(slot_out.dtype), slot_out)  # [n, G, T, D]
         aux = LayerAux.empty(x)
-        aux.stats = self._stats(dispatch, combine, valid)
+        aux.stats = self._stats(logits, dispatch, combine, valid)
         return y.reshape(B, T, D), aux
 
     def decode(self, x: torch.Tensor, state: None) -> tuple[torch.Tensor, None]:
@@ -112,19 +112,14 @@ class MixtureOfTokens(nn.Module):
         return batch_size // self.group_size
 
     def _stats(
-        self, dispatch: torch.Tensor, combine: torch.Tensor, valid: torch.Tensor | None
+        self, logits: torch.Tensor, dispatch: torch.Tensor, combine: torch.Tensor, valid: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            S = self.num_slots
             # Per (group, position): the dispatch entropy counts where the group has a real token.
             group_positions = None if valid is None else valid.any(dim=1).reshape(-1)  # [n*T]
             dispatch_entropy = entropy(dispatch, dim=1).mean(dim=-1).reshape(-1)  # [n*T], mean over slots
             tokens = None if valid is None else valid.reshape(-1)  # [B*T]
-            per_token_combine = combine.reshape(-1, S)  # [B*T, S]
-            slot_usage = masked_mean(per_token_combine, tokens)  # [S], sums to 1
             return {
                 "dispatch_entropy": masked_mean(dispatch_entropy, group_positions).float(),
-                "combine_entropy": masked_mean(entropy(per_token_combine, dim=-1), tokens).float(),
-                "slot_usage": slot_usage.float(),
-                "slot_usage_spread": (slot_usage.std(correction=0) / slot_usage.mean()).float(),
+                **combine_stats(logits, combine, tokens),
             }

@@ -42,13 +42,27 @@ def soft_routing_logits(x: torch.Tensor, slot_embeddings: torch.Tensor, scale: t
         return (x @ (scale.to(dtype) * slots_unit)) * inverse_norm  # [B, T, S]
 
 
+def combine_stats(logits: torch.Tensor, combine: torch.Tensor, valid: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The per-token routing stats every Soft MoE layer logs, from the logits and the combine
+    weights [..., S] (zero on padding); `valid` [N] marks the real tokens of the flattened [..., S].
+
+    combine_entropy (per token, over slots), slot_usage [S] (mean combine weight of each slot) and
+    slot_usage_spread (its coefficient of variation: 0 = every slot used equally).
+    """
+    slot_usage = masked_mean(combine.reshape(-1, combine.shape[-1]), valid)  # [S], sums to 1
+    combine_entropy = softmax_entropy(combine, logits, dim=-1).reshape(-1)  # [N]
+    return {
+        "combine_entropy": masked_mean(combine_entropy, valid).float(),
+        "slot_usage": slot_usage.float(),
+        "slot_usage_spread": (slot_usage.std(correction=0) / slot_usage.mean()).float(),
+    }
+
+
 class SoftMoE(nn.Module):
     """Soft MoE layer: x [B, T, D] -> (y [B, T, D], LayerAux with zero loss).
 
     `mask` [B, T] (True = real token) keeps padding out of every slot; padded positions output 0.
-    aux.stats: dispatch_entropy (per slot, over tokens), combine_entropy (per token, over slots),
-    slot_usage [S] (mean combine weight of each slot) and slot_usage_spread (its coefficient of
-    variation: 0 = every slot used equally).
+    aux.stats: dispatch_entropy (per slot, over tokens) and the `combine_stats`.
     """
 
     is_causal = False  # every slot pools the whole sequence
@@ -100,11 +114,7 @@ class SoftMoE(nn.Module):
         """Routing health from the logits [B, T, S] and their two softmaxes."""
         with torch.no_grad():
             valid = None if mask is None else mask.reshape(-1)  # [B*T]
-            slot_usage = masked_mean(combine.reshape(-1, combine.shape[-1]), valid)  # [S], sums to 1
-            combine_entropy = softmax_entropy(combine, logits, dim=-1).reshape(-1)  # [B*T]
             return {
                 "dispatch_entropy": softmax_entropy(dispatch, logits, dim=1).mean().float(),
-                "combine_entropy": masked_mean(combine_entropy, valid).float(),
-                "slot_usage": slot_usage.float(),
-                "slot_usage_spread": (slot_usage.std(correction=0) / slot_usage.mean()).float(),
+                **combine_stats(logits, combine, valid),
             }

@@ -12,8 +12,8 @@ from lm_moe.layers.routing import (
     load_balancing_loss,
     position_priority_keep,
     router_entropy,
-    softmax_entropy,
     router_z_loss,
+    softmax_entropy,
 )
 
 from . import reference
