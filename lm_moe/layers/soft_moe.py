@@ -87,6 +87,7 @@ class SoftMoE(nn.Module):
         B, T, D = x.shape
         E, P = self.num_experts, self.slots_per_expert
         logits = soft_routing_logits(x, self.slot_embeddings, self.scale)  # [B, T, S]
+        dispatch_logits = logits
         if mask is not None:
             # A large finite negative (not -inf) keeps fully padded rows free of NaN.
             dispatch_logits = logits.masked_fill(~mask.unsqueeze(-1), torch.finfo(logits.dtype).min)
@@ -104,17 +105,22 @@ class SoftMoE(nn.Module):
             combine = combine * mask.unsqueeze(-1)
         y = torch.bmm(combine.to(slot_out.dtype), slot_out)  # [B, T, D]
         aux = LayerAux.empty(x)
-        aux.stats = self._stats(logits, dispatch, combine, mask)
+        aux.stats = self._stats(logits, dispatch_logits, dispatch, combine, mask)
         return y, aux
 
     @staticmethod
     def _stats(
-        logits: torch.Tensor, dispatch: torch.Tensor, combine: torch.Tensor, mask: torch.Tensor | None
+        logits: torch.Tensor,
+        dispatch_logits: torch.Tensor,
+        dispatch: torch.Tensor,
+        combine: torch.Tensor,
+        mask: torch.Tensor | None,
     ) -> dict[str, torch.Tensor]:
-        """Routing health from the logits [B, T, S] and their two softmaxes."""
+        """Routing health from the logits [B, T, S] (and those with padding masked out) and
+        their two softmaxes."""
         with torch.no_grad():
             valid = None if mask is None else mask.reshape(-1)  # [B*T]
             return {
-                "dispatch_entropy": softmax_entropy(dispatch, logits, dim=1).mean().float(),
+                "dispatch_entropy": softmax_entropy(dispatch, dispatch_logits, dim=1).mean().float(),
                 **combine_stats(logits, combine, valid),
             }

@@ -22,6 +22,21 @@ from lm_moe.layers.routing import (
 )
 
 
+class _PermuteRows(torch.autograd.Function):
+    """x.index_select(0, perm) for a permutation `perm` with inverse `inverse`. Its backward is
+    the gather by `inverse`, where autograd would scatter-add (slower: it zero-fills, then adds)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
 CAPACITY_PRIORITIES = ("position", "gshard")
 CAPACITY_GROUPS = ("sequence", "batch")
 
@@ -117,7 +132,7 @@ class TopKMoE(nn.Module):
         valid = None if mask is None else mask.reshape(B * T)  # [N]
         routing = self.router(tokens)
 
-        served, served_after = self._served_choices(routing.expert_index.view(B, T, k), mask, start, served_before)
+        served, served_after = self._served_choices(routing.expert_index.reshape(B, T, k), mask, start, served_before)
         # Sort the N*k choices by expert; choices not served get the sentinel E and sort last.
         choice_expert = routing.expert_index.reshape(-1)  # [N*k]
         if served is not None:
@@ -125,15 +140,18 @@ class TopKMoE(nn.Module):
         order = torch.argsort(choice_expert, stable=True)  # [N*k]
         # A scatter-add, not bincount: its output shape is static, so torch.compile keeps one graph.
         rows_per_expert = choice_expert.new_zeros(E + 1).scatter_add_(0, choice_expert, torch.ones_like(choice_expert))[:E]  # [E]
-        if served is not None:
-            order = order[: int(rows_per_expert.sum())]  # [M] drop the sentinel group
-        token_of_row = order // k  # [M]
-        expert_in = tokens.index_select(0, token_of_row)  # [M, D]
+        served_rows = order if served is None else order[: int(rows_per_expert.sum())]  # [M] without the sentinel group
+        expert_in = tokens.index_select(0, served_rows // k)  # [M, D]
         expert_out = self.experts.forward_grouped(expert_in, rows_per_expert)  # [M, D]
+        if served is not None:  # choices not served output 0
+            expert_out = torch.cat([expert_out, expert_out.new_zeros(order.numel() - expert_out.shape[0], D)])  # [N*k, D]
 
-        # Gate-weighted sum over each token's k choices, added straight from the sorted rows.
-        gate = routing.weight.reshape(-1)[order].to(expert_out.dtype)  # [M]
-        y = expert_out.new_zeros(B * T, D).index_add(0, token_of_row, expert_out * gate.unsqueeze(-1))  # [N, D]
+        # Back to token order, then each token's gate-weighted sum over its k choices.
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))  # [N*k]
+        choice_out = _PermuteRows.apply(expert_out, inverse, order).view(B * T, k, D)  # [N, k, D]
+        # Contiguous: CPU bmm over thousands of tiny matrices falls back to a loop on strided ones.
+        gate = routing.weight.to(choice_out.dtype).contiguous().view(B * T, 1, k)  # [N, 1, k]
+        y = torch.bmm(gate, choice_out)  # [N, 1, D]
 
         # In training, data-parallel ranks balance the global batch together (see load_balancing_loss).
         balance = load_balancing_loss(routing, valid, global_batch=self.training)

@@ -54,9 +54,13 @@ def test_dropless_output_does_not_depend_on_batch_mates():
 @pytest.mark.parametrize("capacity_factor", [0.25, 0.5, 1.0, 1.25])
 def test_capacity_drops_exactly_the_choices_the_position_rule_drops(capacity_factor):
     moe = make_moe(capacity_factor=capacity_factor)
-    x = torch.randn(3, 10, 8, dtype=torch.float64)
+    x = torch.randn(3, 10, 8, dtype=torch.float64, requires_grad=True)
     y, aux = moe(x)
-    torch.testing.assert_close(y, reference.topk_moe(moe, x), rtol=0, atol=1e-12)
+    expected = reference.topk_moe(moe, x)
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
+    params = [x, moe.experts.w_in, moe.experts.w_out, moe.router.weight]
+    for got, want in zip(torch.autograd.grad(y.sin().sum(), params), torch.autograd.grad(expected.sin().sum(), params)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
     _, index, _ = reference.topk_choices(moe, x)
     kept = reference.capacity_kept(index, 4, capacity_factor)
@@ -284,8 +288,11 @@ def test_softmax_entropy_leaves_zeroed_entries_out():
     # SoftMoE's padding: dispatch is a softmax over the real tokens only, combine is zero on padding.
     logits = torch.randn(4, 3, dtype=torch.float64)
     valid = torch.tensor([True, True, False, False])
-    dispatch = logits.masked_fill(~valid[:, None], float("-inf")).softmax(dim=0)  # [4, 3]
-    torch.testing.assert_close(softmax_entropy(dispatch, logits, dim=0), entropy(dispatch, dim=0), rtol=0, atol=1e-12)
+    dispatch_logits = logits.masked_fill(~valid[:, None], torch.finfo(logits.dtype).min)  # [4, 3]
+    dispatch = dispatch_logits.softmax(dim=0)  # [4, 3]
+    torch.testing.assert_close(
+        softmax_entropy(dispatch, dispatch_logits, dim=0), entropy(dispatch, dim=0), rtol=0, atol=1e-12
+    )
     combine = logits.softmax(dim=1) * valid[:, None]  # [4, 3]
     expected = torch.cat([entropy(combine[:2], dim=1), torch.zeros(2, dtype=torch.float64)])
     torch.testing.assert_close(softmax_entropy(combine, logits, dim=1), expected, rtol=0, atol=1e-12)
