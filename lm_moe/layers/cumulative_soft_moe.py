@@ -42,7 +42,7 @@ from torch import nn
 
 from lm_moe.layers.checks import require_positive_float, require_positive_int
 from lm_moe.layers.ffn import ExpertWeights, compute_dtype
-from lm_moe.layers.layer_output import LayerAux
+from lm_moe.layers.layer_output import LayerAux, deferred_stats
 from lm_moe.layers.routing import masked_mean
 from lm_moe.layers.soft_moe import combine_stats, soft_routing_logits
 
@@ -98,7 +98,8 @@ class CumulativeSoftMoE(nn.Module):
             combine = combine * mask.unsqueeze(-1)
         y = self._experts_and_combine(self._slot_inputs(x, weights, None), combine)
         aux = LayerAux.empty(x)
-        aux.stats = self._stats(logits, weights, combine, mask)
+        # The shift as it is now: the stats may be read after an optimizer step changed the scale.
+        aux.stats = deferred_stats(self._stats, logits, weights, combine, mask, self.scale.detach().abs())
         return y, aux
 
     def decode(self, x: torch.Tensor, state: CumulativeState | None) -> tuple[torch.Tensor, CumulativeState]:
@@ -187,10 +188,12 @@ class CumulativeSoftMoE(nn.Module):
             num, den = num + g**T * state.num, den + g**T * state.den
         return CumulativeState(num, den)
 
-    @torch.no_grad()
     def _stats(
-        self, logits: torch.Tensor, weights: torch.Tensor, combine: torch.Tensor, mask: torch.Tensor | None
+        self, logits: torch.Tensor, weights: torch.Tensor, combine: torch.Tensor, mask: torch.Tensor | None,
+        shift: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
+        """Routing health of the prefix-pooled slots, from the logits, the dispatch weights
+        exp(logits - shift) and the combine weights [B, T, S]."""
         T = logits.shape[1]
         g = self._g
         # Entropy of slot s's dispatch at t, v[tau] = g^(t - tau) w[tau] normalised over tau <= t:
@@ -199,7 +202,7 @@ class CumulativeSoftMoE(nn.Module):
         lag = steps[:, None] - steps[None, :]  # [T, T]
         kernel = torch.where(lag >= 0, g ** lag.clamp_min(0), 0.0)  # [T, T] g^(t - tau), tau <= t
         kernel, lag = kernel.to(logits.dtype), lag.to(logits.dtype)
-        log_weights = logits - self.scale.abs().to(logits.dtype)  # [B, T, S]
+        log_weights = logits - shift.to(logits.dtype)  # [B, T, S]
         den = (kernel @ weights).clamp_min(torch.finfo(weights.dtype).tiny)  # [B, T, S]
         v_log_v = kernel @ (weights * log_weights) + math.log(g) * ((kernel * lag) @ weights)  # [B, T, S]
         dispatch_entropy = den.log() - v_log_v / den  # [B, T, S]

@@ -41,7 +41,7 @@ from torch import nn
 
 from lm_moe.layers.checks import require_choice, require_positive_int
 from lm_moe.layers.ffn import ExpertWeights, compute_dtype
-from lm_moe.layers.layer_output import LayerAux
+from lm_moe.layers.layer_output import LayerAux, deferred_stats
 from lm_moe.layers.routing import masked_mean
 from lm_moe.layers.soft_moe import combine_stats, soft_routing_logits
 
@@ -129,7 +129,8 @@ class LaggedChunkSoftMoE(nn.Module):
         if mask is not None:
             y = y * mask.unsqueeze(-1)
         aux = LayerAux.empty(x)
-        aux.stats = self._stats(logits, weights, combine, mask)
+        # The shift as it is now: the stats may be read after an optimizer step changed the scale.
+        aux.stats = deferred_stats(self._stats, logits, weights, combine, mask, self.scale.detach().abs())
         return y, aux
 
     def decode(self, x: torch.Tensor, state: LaggedChunkState | None) -> tuple[torch.Tensor, LaggedChunkState]:
@@ -187,17 +188,19 @@ class LaggedChunkSoftMoE(nn.Module):
         """The dense shared expert on every token: x [B, T, D] -> [B, T, D]."""
         return self.shared.forward_batched(x.reshape(1, -1, x.shape[-1])).view(x.shape)
 
-    @torch.no_grad()
     def _stats(
-        self, logits: torch.Tensor, weights: torch.Tensor, combine: torch.Tensor, mask: torch.Tensor | None
+        self, logits: torch.Tensor, weights: torch.Tensor, combine: torch.Tensor, mask: torch.Tensor | None,
+        shift: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
+        """Routing health of the chunk summaries, from the logits, the dispatch weights
+        exp(logits - shift) and the combine weights [B, T, S]."""
         B, T, S = logits.shape
         C = self.chunk_size
         K = math.ceil(T / C)
         # Entropy of each read summary's weights, from sums alone: H = log den - sum w log w / den,
         # with log w = L - |scale|. Summary j is read by chunk j + 1: count it where that chunk's
         # first token is real.
-        log_weights = logits - self.scale.abs().to(logits.dtype)  # [B, T, S]
+        log_weights = logits - shift.to(logits.dtype)  # [B, T, S]
         pad = K * C - T
         den = F.pad(weights, (0, 0, 0, pad)).view(B, K, C, S).sum(dim=2)  # [B, K, S]
         tilted = F.pad(weights * log_weights, (0, 0, 0, pad)).view(B, K, C, S).sum(dim=2)  # [B, K, S]

@@ -36,7 +36,7 @@ from torch import nn
 
 from lm_moe.layers.checks import require_positive_int
 from lm_moe.layers.ffn import ExpertWeights, compute_dtype
-from lm_moe.layers.layer_output import LayerAux
+from lm_moe.layers.layer_output import LayerAux, deferred_stats
 from lm_moe.layers.routing import entropy, masked_mean
 from lm_moe.layers.soft_moe import combine_stats, soft_routing_logits
 
@@ -95,7 +95,7 @@ class MixtureOfTokens(nn.Module):
         slot_out = expert_out.view(S, n, T, D)  # [S, n, T, D]
         y = torch.einsum("ngts,sntd->ngtd", combine.to(slot_out.dtype), slot_out)  # [n, G, T, D]
         aux = LayerAux.empty(x)
-        aux.stats = self._stats(logits, dispatch, combine, valid)
+        aux.stats = deferred_stats(self._stats, logits, dispatch, combine, valid)
         return y.reshape(B, T, D), aux
 
     def decode(self, x: torch.Tensor, state: None) -> tuple[torch.Tensor, None]:
@@ -114,12 +114,11 @@ class MixtureOfTokens(nn.Module):
     def _stats(
         self, logits: torch.Tensor, dispatch: torch.Tensor, combine: torch.Tensor, valid: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            # Per (group, position): the dispatch entropy counts where the group has a real token.
-            group_positions = None if valid is None else valid.any(dim=1).reshape(-1)  # [n*T]
-            dispatch_entropy = entropy(dispatch, dim=1).mean(dim=-1).reshape(-1)  # [n*T], mean over slots
-            tokens = None if valid is None else valid.reshape(-1)  # [B*T]
-            return {
-                "dispatch_entropy": masked_mean(dispatch_entropy, group_positions).float(),
-                **combine_stats(logits, combine, tokens),
-            }
+        # Per (group, position): the dispatch entropy counts where the group has a real token.
+        group_positions = None if valid is None else valid.any(dim=1).reshape(-1)  # [n*T]
+        dispatch_entropy = entropy(dispatch, dim=1).mean(dim=-1).reshape(-1)  # [n*T], mean over slots
+        tokens = None if valid is None else valid.reshape(-1)  # [B*T]
+        return {
+            "dispatch_entropy": masked_mean(dispatch_entropy, group_positions).float(),
+            **combine_stats(logits, combine, tokens),
+        }

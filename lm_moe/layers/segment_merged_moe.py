@@ -43,7 +43,7 @@ from torch import nn
 
 from lm_moe.layers.checks import require_choice, require_positive_int
 from lm_moe.layers.ffn import ExpertWeights, compute_dtype
-from lm_moe.layers.layer_output import LayerAux
+from lm_moe.layers.layer_output import LayerAux, deferred_stats
 from lm_moe.layers.routing import entropy, masked_mean, routing_dtype
 
 FIRST_SEGMENT_MODES = ("prior", "self")
@@ -107,7 +107,7 @@ class SegmentMergedMoE(nn.Module):
         out = self._segments(x, mask, previous_mean=None)
         y = out.y if mask is None else out.y * mask.unsqueeze(-1)  # [B, T, D]
         aux = LayerAux.empty(x)
-        aux.stats = self._stats(out.probs, mask)
+        aux.stats = deferred_stats(self._stats, out.probs, mask)
         return y, aux
 
     def decode(self, x: torch.Tensor, state: SegmentDecodeState | None) -> tuple[torch.Tensor, SegmentDecodeState]:
@@ -202,15 +202,14 @@ class SegmentMergedMoE(nn.Module):
         return self.experts.activate(tokens @ w_in) @ w_out  # [N, c, D]
 
     def _stats(self, probs: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            B, K, E = probs.shape
-            C = self.segment_size
-            # A segment counts if it holds a real token: with padding at the end, its first one.
-            routed = None if mask is None else mask[:, ::C].reshape(B * K)  # [B*K]
-            flat = probs.reshape(B * K, E)  # [B*K, E]
-            expert_weights = masked_mean(flat, routed)  # [E], sums to 1
-            return {
-                "routing_entropy": masked_mean(entropy(flat, dim=-1), routed).float(),
-                "expert_weights": expert_weights.float(),
-                "expert_weight_spread": (expert_weights.std(correction=0) / expert_weights.mean()).float(),
-            }
+        B, K, E = probs.shape
+        C = self.segment_size
+        # A segment counts if it holds a real token: with padding at the end, its first one.
+        routed = None if mask is None else mask[:, ::C].reshape(B * K)  # [B*K]
+        flat = probs.reshape(B * K, E)  # [B*K, E]
+        expert_weights = masked_mean(flat, routed)  # [E], sums to 1
+        return {
+            "routing_entropy": masked_mean(entropy(flat, dim=-1), routed).float(),
+            "expert_weights": expert_weights.float(),
+            "expert_weight_spread": (expert_weights.std(correction=0) / expert_weights.mean()).float(),
+        }

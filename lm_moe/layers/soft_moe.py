@@ -22,7 +22,7 @@ from torch import nn
 
 from lm_moe.layers.checks import require_positive_int
 from lm_moe.layers.ffn import ExpertWeights, compute_dtype
-from lm_moe.layers.layer_output import LayerAux
+from lm_moe.layers.layer_output import LayerAux, deferred_stats
 from lm_moe.layers.routing import masked_mean, routing_dtype, softmax_entropy
 
 _NORM_EPS = 1e-6
@@ -105,7 +105,7 @@ class SoftMoE(nn.Module):
             combine = combine * mask.unsqueeze(-1)
         y = torch.bmm(combine.to(slot_out.dtype), slot_out)  # [B, T, D]
         aux = LayerAux.empty(x)
-        aux.stats = self._stats(logits, dispatch_logits, dispatch, combine, mask)
+        aux.stats = deferred_stats(self._stats, logits, dispatch_logits, dispatch, combine, mask)
         return y, aux
 
     @staticmethod
@@ -118,9 +118,8 @@ class SoftMoE(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Routing health from the logits [B, T, S] (and those with padding masked out) and
         their two softmaxes."""
-        with torch.no_grad():
-            valid = None if mask is None else mask.reshape(-1)  # [B*T]
-            return {
-                "dispatch_entropy": softmax_entropy(dispatch, dispatch_logits, dim=1).mean().float(),
-                **combine_stats(logits, combine, valid),
-            }
+        valid = None if mask is None else mask.reshape(-1)  # [B*T]
+        return {
+            "dispatch_entropy": softmax_entropy(dispatch, dispatch_logits, dim=1).mean().float(),
+            **combine_stats(logits, combine, valid),
+        }

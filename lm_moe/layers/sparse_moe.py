@@ -10,7 +10,7 @@ from lm_moe.layers.checks import (
     require_positive_int,
 )
 from lm_moe.layers.ffn import ExpertWeights
-from lm_moe.layers.layer_output import LayerAux
+from lm_moe.layers.layer_output import LayerAux, deferred_stats
 from lm_moe.layers.routing import (
     TopKRouter,
     gshard_keep,
@@ -158,7 +158,7 @@ class TopKMoE(nn.Module):
         z_loss = router_z_loss(routing, valid)
         aux = LayerAux(
             loss=self.load_balance_weight * balance + self.z_loss_weight * z_loss,
-            stats=self._stats(routing, rows_per_expert, valid, balance, z_loss),
+            stats=deferred_stats(self._stats, routing, rows_per_expert, valid, balance, z_loss),
         )
         return y.view(B, T, D), aux, served_after
 

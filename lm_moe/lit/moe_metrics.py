@@ -59,15 +59,21 @@ def moe_histograms(layer_stats: LayerStats, prefix: str = "moe") -> dict[str, to
 
 
 def log_moe_stats(module: pl.LightningModule, layer_stats: LayerStats) -> None:
-    """Log, per MoE layer, the stats of the global batch (reduced over data-parallel ranks) as
-    scalars every step, and the load vectors as TensorBoard histograms every `log_every_n_steps`."""
+    """On the steps the trainer writes logs (every `log_every_n_steps`), log per MoE layer the
+    stats of the global batch (reduced over data-parallel ranks): scalars, and the load vectors
+    as TensorBoard histograms.
+
+    Other steps return at once: the layers' stats are deferred (`DeferredStats`), so those steps
+    neither compute them nor all-reduce them.
+    """
     trainer = module.trainer
+    # The trainer's own schedule for step logs (LearningRateMonitor asks it the same way).
+    if not trainer._logger_connector.should_update_logs:
+        return
     stats = reduce_over_ranks(
         layer_stats, lambda flat: trainer.strategy.reduce(flat, reduce_op="sum"), trainer.world_size
     )
     module.log_dict(moe_scalars(stats))
-    if module.global_step % trainer.log_every_n_steps != 0:
-        return
     for logger in module.loggers:
         if isinstance(logger, TensorBoardLogger):
             for name, values in moe_histograms(stats).items():

@@ -8,6 +8,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lm_moe import cli, sample
+from lm_moe.layers import TopKMoE
 
 from .tiny_runs import tiny_run_args
 
@@ -84,6 +85,21 @@ def test_tensorboard_holds_loss_perplexity_and_expert_load(trained_top2):
                      "router_z_loss"):
             assert f"moe/{block}/{stat}" in tags["scalars"]
         assert f"moe/{block}/tokens_per_expert" in tags["histograms"]
+
+
+def test_moe_stats_are_computed_only_on_the_steps_that_log(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    computed = []
+    compute = TopKMoE._stats
+    monkeypatch.setattr(TopKMoE, "_stats", lambda self, *args: computed.append(1) or compute(self, *args))
+    run = fit(REPO / "configs/lm/top2.yaml", tmp_path / "cache", "--trainer.log_every_n_steps=2", steps=6)
+    events = EventAccumulator(run.trainer.logger.log_dir, size_guidance={"histograms": 0})  # keep them all
+    events.Reload()
+    loss_steps = [event.step for event in events.Scalars("train/loss")]
+    assert len(loss_steps) == 3  # every second step of six writes logs
+    assert [event.step for event in events.Scalars("moe/block_1/router_entropy")] == loss_steps
+    assert [event.step for event in events.Histograms("moe/block_1/tokens_per_expert")] == loss_steps
+    assert len(computed) == 3 * 2  # two MoE blocks; validation and the other steps never compute them
 
 
 def test_resume_from_last_continues_step_count_and_optimizer(trained_top2, monkeypatch):
