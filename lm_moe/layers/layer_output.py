@@ -11,7 +11,8 @@ class DeferredStats(Mapping[str, torch.Tensor]):
 
     A layer's stats cost several passes over its routing tensors (a tenth of a Soft MoE layer's
     training step), yet training logs them only every `log_every_n_steps`: the steps that never
-    read them never pay. The captured tensors are released once the stats are computed.
+    read them never pay. Until read or dropped, they keep their input tensors alive (autograd
+    keeps most of those for the backward anyway); once computed, they release them.
     """
 
     def __init__(self, compute: Callable[[], dict[str, torch.Tensor]]):

@@ -9,7 +9,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from lm_moe.lit.checkpoints import require_matching_state
 from lm_moe.lit.moe_metrics import log_moe_stats
-from lm_moe.lit.optim import build_adamw_with_schedule
+from lm_moe.lit.optim import build_adamw_with_schedule, uses_grad_scaler
 from lm_moe.models.vit import ViT
 
 TOP_K = (1, 5)  # accuracies reported: val/acc_top1, val/acc_top5 (top-5 only with more than 5 classes)
@@ -124,6 +124,7 @@ class ImageClassifier(pl.LightningModule):
             warmup_steps=hp.warmup_steps,
             total_steps=int(self.trainer.estimated_stepping_batches),
             min_lr_ratio=hp.min_lr_ratio,
+            grad_scaler=uses_grad_scaler(self.trainer),
         )
 
     def _tensorboards(self):

@@ -9,7 +9,7 @@ import torchmetrics
 
 from lm_moe.lit.checkpoints import require_matching_state
 from lm_moe.lit.moe_metrics import log_moe_stats
-from lm_moe.lit.optim import build_adamw_with_schedule
+from lm_moe.lit.optim import build_adamw_with_schedule, uses_grad_scaler
 from lm_moe.models.generation import generate
 from lm_moe.models.gpt import GPT
 
@@ -142,4 +142,5 @@ class LanguageModel(pl.LightningModule):
             warmup_steps=hp.warmup_steps,
             total_steps=int(self.trainer.estimated_stepping_batches),
             min_lr_ratio=hp.min_lr_ratio,
+            grad_scaler=uses_grad_scaler(self.trainer),
         )
