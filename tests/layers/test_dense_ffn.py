@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from lm_moe.layers import DenseFFN, ExpertWeights
+from lm_moe.layers import ffn as ffn_module
 
 from .reference import expert_mlp
 
@@ -37,6 +38,38 @@ def test_grouped_experts_equal_per_expert_loop_including_an_idle_expert(dtype):
     pieces = x.split(rows_per_expert.tolist())
     expected = torch.cat([expert_mlp(experts, e, piece) for e, piece in enumerate(pieces)])
     torch.testing.assert_close(y, expected)
+
+
+def test_low_precision_cpu_groups_are_padded_to_a_row_multiple_and_match_the_unpadded_groups(monkeypatch):
+    # oneDNN builds a kernel per matmul shape: every group the grouped matmul sees is padded to
+    # a multiple of CPU_LOW_PRECISION_ROW_MULTIPLE rows, and the result is that of the rows alone.
+    torch.manual_seed(0)
+    experts = ExpertWeights(4, 16, 24)
+    rows_per_expert = torch.tensor([5, 0, 70, 1])
+    x = torch.randn(76, 16)
+    grad = torch.randn(76, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = experts._grouped(x.bfloat16(), rows_per_expert)
+    (expected.float() * grad).sum().backward()
+    expected_grads = [experts.w_in.grad.clone(), experts.w_out.grad.clone()]
+    experts.zero_grad()
+
+    group_sizes = []
+    grouped_mm = torch.nn.functional.grouped_mm
+
+    def recording(a, b, offs):
+        group_sizes.extend(torch.diff(offs, prepend=offs.new_zeros(1)).tolist())
+        return grouped_mm(a, b, offs=offs)
+
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", recording)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = experts.forward_grouped(x, rows_per_expert)
+    (y.float() * grad).sum().backward()
+    assert group_sizes and all(size % ffn_module.CPU_LOW_PRECISION_ROW_MULTIPLE == 0 for size in group_sizes)
+    assert y.dtype == torch.bfloat16 and y.shape == (76, 16)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)  # every row computed as without padding
+    for padded, unpadded in zip([experts.w_in.grad, experts.w_out.grad], expected_grads):
+        torch.testing.assert_close(padded, unpadded, rtol=1e-2, atol=1e-3)  # bf16 sums over other blockings
 
 
 def test_every_expert_weight_gets_a_gradient_tensor():
