@@ -5,8 +5,8 @@ against each other (the variants at matched active FLOPs).
     python scripts/bench_train.py -c configs/lm/dense.yaml -c configs/lm/top2.yaml --rounds 1
 
 Every round trains each config from scratch through `Trainer.fit` (TensorBoard logging, MoE stats,
-no validation) and, for the `--bare` configs, through a plain loop doing the same work (forward,
-fp32 cross-entropy + aux loss, backward, gradient clipping, AdamW, schedule). Tokens/s are timed
+no validation) and, for the `--bare` configs, through a plain loop doing the same work (forward in
+the preset's precision, fp32 cross-entropy + aux loss, backward, gradient clipping, AdamW, schedule). Tokens/s are timed
 over the steps after `--warmup`; the tables report medians over rounds and the ratios.
 """
 
@@ -89,8 +89,9 @@ def bare_tokens_per_sec(config: Path, trainer_config: Path, steps: int, warmup: 
         if step == warmup:
             start = time.perf_counter()
         batch = next(batches)
-        output = model(batch["input_ids"])
-        loss = F.cross_entropy(output.logits.float().flatten(0, 1), batch["targets"].flatten()) + output.aux_loss
+        with built.trainer.precision_plugin.forward_context():  # autocast under a mixed-precision preset
+            output = model(batch["input_ids"])
+            loss = F.cross_entropy(output.logits.float().flatten(0, 1), batch["targets"].flatten()) + output.aux_loss
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
