@@ -6,8 +6,9 @@ against each other (the variants at matched active FLOPs).
 
 Every round trains each config from scratch through `Trainer.fit` (TensorBoard logging, MoE stats,
 no validation) and, for the `--bare` configs, through a plain loop doing the same work (forward in
-the preset's precision, fp32 cross-entropy + aux loss, backward, gradient clipping, AdamW, schedule). Tokens/s are timed
-over the steps after `--warmup`; the tables report medians over rounds and the ratios.
+the preset's precision, fp32 cross-entropy + aux loss, backward, gradient clipping, AdamW,
+schedule). Tokens/s are timed over the steps after `--warmup`; the tables report medians over
+rounds and the ratios.
 """
 
 import argparse

@@ -189,10 +189,11 @@ class TopKMoE(nn.Module):
     def _stats(self, routing, rows_per_expert, valid, balance, z_loss) -> dict[str, torch.Tensor]:
         num_choices = routing.expert_index.numel() if valid is None else valid.sum() * self.top_k
         served_share = rows_per_expert.sum() / torch.as_tensor(num_choices).clamp_min(1)
+        # Run under no_grad (DeferredStats): only the two losses, computed with gradients, need detaching.
         return {
-            "tokens_per_expert": rows_per_expert.detach().float(),
-            "dropped_fraction": (1 - served_share).detach().float(),
-            "router_entropy": router_entropy(routing, valid).detach(),
+            "tokens_per_expert": rows_per_expert.float(),
+            "dropped_fraction": (1 - served_share).float(),
+            "router_entropy": router_entropy(routing, valid),
             "load_balance_loss": balance.detach(),
             "router_z_loss": z_loss.detach(),
         }
