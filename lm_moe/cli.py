@@ -9,6 +9,7 @@ same name: the step count, optimizer and schedule continue, and the logs go to a
 """
 
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,16 +155,19 @@ def main(args: list[str] | None = None, run: bool = True) -> LmMoeCLI:
     the model, data module and trainer of a config (no subcommand in `args`)."""
     task = TASKS[task_of(sys.argv[1:] if args is None else list(args))]
     model_class, data_class = task.classes()
-    return task.cli(
-        model_class,
-        data_class,
-        args=args,
-        run=run,
-        auto_configure_optimizers=False,  # the modules bring their own AdamW + schedule
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={
-            "default_root_dir": RUNS_DIR,
-            "logger": {"class_path": "pytorch_lightning.loggers.TensorBoardLogger", "init_args": {"save_dir": RUNS_DIR, "name": "run"}},
-            "callbacks": task.callbacks(),
-        },
-    )
+    with warnings.catch_warnings():
+        if args is not None:  # called from a script or a test: that program's own argv is not for the CLI
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return task.cli(
+            model_class,
+            data_class,
+            args=args,
+            run=run,
+            auto_configure_optimizers=False,  # the modules bring their own AdamW + schedule
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "default_root_dir": RUNS_DIR,
+                "logger": {"class_path": "pytorch_lightning.loggers.TensorBoardLogger", "init_args": {"save_dir": RUNS_DIR, "name": "run"}},
+                "callbacks": task.callbacks(),
+            },
+        )

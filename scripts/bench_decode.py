@@ -23,7 +23,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from lm_moe.causality.subjects import ModelSubject
-from lm_moe.profiling.allocator import keep_freed_memory
+from lm_moe.profiling.allocator import tune_cpu_allocator
 from lm_moe.profiling.models import build_from_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def main() -> None:
     if min(args.contexts) <= 0 or args.batch <= 0 or args.steps <= 0 or args.repeats <= 0:
         parser.error("--contexts, --batch, --steps and --repeats must be positive")
     configs = args.config or sorted((REPO / "configs/lm").glob("*.yaml"))
-    keep_freed_memory()
+    tune_cpu_allocator()
     torch.manual_seed(0)
     block_size = max(args.contexts) + args.steps + 1
 

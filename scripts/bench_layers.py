@@ -23,7 +23,7 @@ from rich.table import Table
 from torch import nn
 
 from lm_moe.layers import DenseFFN, SoftMoE, TopKMoE
-from lm_moe.profiling.allocator import keep_freed_memory
+from lm_moe.profiling.allocator import tune_cpu_allocator
 from lm_moe.profiling.timing import time_in_turns
 
 
@@ -83,9 +83,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="quarter-size layers and batch 2: a smoke run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument(
-        "--system-malloc",
+        "--system-allocator",
         action="store_true",
-        help="leave glibc's allocator as it is (by default freed memory is kept for reuse, as on GPUs)",
+        help="leave the CPU allocator as it is (by default freed memory is kept for reuse, as on GPUs, "
+        "and tensors of 2 MB or more get huge pages)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
@@ -104,7 +105,7 @@ def main() -> None:
         args.batch = 2
     if args.repeats is None:
         args.repeats = 5 if args.quick else 20
-    allocator = "glibc default" if args.system_malloc else ("glibc, freed memory kept" if keep_freed_memory() else "system default")
+    allocator = ", ".join([] if args.system_allocator else tune_cpu_allocator()) or "system default"
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

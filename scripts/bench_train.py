@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lm_moe import cli
-from lm_moe.profiling.allocator import keep_freed_memory
+from lm_moe.profiling.allocator import tune_cpu_allocator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,6 +59,7 @@ def build(config: Path, trainer_config: Path, steps: int, log_dir: str) -> cli.L
             "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false",
             "--trainer.callbacks=[]",
+            "--checkpoint.monitor=null",  # no validation to monitor: keep the last weights
             f"--trainer.logger.init_args.save_dir={log_dir}",
         ],
         run=False,
@@ -136,7 +137,7 @@ def main() -> None:
                         help="config names also timed through the bare PyTorch loop")
     args = parse_timing_options(parser, REPO / "configs/trainer/cpu_quick.yaml")
     configs = {path.stem: path for path in (args.config or sorted((REPO / "configs/lm").glob("*.yaml")))}
-    keep_freed_memory()
+    tune_cpu_allocator()
 
     runs = [(name, "lightning") for name in configs] + [(name, "bare") for name in configs if name in args.bare]
     rates = {f"{name} {loop}": [] for name, loop in runs}

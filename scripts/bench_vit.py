@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench_train import StepTimer, build, parse_timing_options  # the LM benchmark's Lightning helpers (same folder)
-from lm_moe.profiling.allocator import keep_freed_memory
+from lm_moe.profiling.allocator import tune_cpu_allocator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def main() -> None:
                         help="ViT config (repeatable; default: every config under configs/vit/); dense.yaml is the reference")
     args = parse_timing_options(parser, REPO / "configs/trainer/cpu_quick_vit.yaml")
     configs = {path.stem: path for path in (args.config or sorted((REPO / "configs/vit").glob("*.yaml")))}
-    keep_freed_memory()
+    tune_cpu_allocator()
 
     rates: dict[str, list[float]] = {name: [] for name in configs}
     with tempfile.TemporaryDirectory() as log_dir:

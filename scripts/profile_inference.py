@@ -40,7 +40,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from lm_moe.causality.subjects import ModelSubject
 from lm_moe.cli import task_of
-from lm_moe.profiling.allocator import keep_freed_memory
+from lm_moe.profiling.allocator import tune_cpu_allocator
 from lm_moe.profiling.charts import Panel, draw
 from lm_moe.profiling.inference import DTYPES, measure_decoding, measure_images, round_up, trace_decoding_step
 from lm_moe.profiling.models import build_from_config, checkpoint_name, load_checkpoint
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if device.type == "cpu":
-        keep_freed_memory()
+        tune_cpu_allocator()
     args.out.mkdir(parents=True, exist_ok=True)
     console = Console(width=200)
     settings = {"device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads()}

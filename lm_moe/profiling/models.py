@@ -3,7 +3,6 @@ build it, with random weights) or loaded from a Lightning checkpoint (with its t
 
 import contextlib
 import io
-import warnings
 from pathlib import Path
 
 from torch import nn
@@ -23,8 +22,7 @@ def build_from_config(config: str | Path, overrides: list[str] = (), block_size:
     messages = io.StringIO()
     try:
         # The CLI reports a bad config on stderr and exits: turn that into an error naming the config.
-        with contextlib.redirect_stderr(messages), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # a script's own argv
+        with contextlib.redirect_stderr(messages):
             return cli.main(args, run=False).model.model.eval()
     except SystemExit:
         errors = [line for line in messages.getvalue().splitlines() if line.startswith("error:")]
