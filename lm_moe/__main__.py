@@ -1,4 +1,9 @@
+import torch
+
 from lm_moe.cli import main
+from lm_moe.cpu_allocator import tune_cpu_allocator
 
 if __name__ == "__main__":
+    if not torch.cuda.is_available():  # the run trains on the CPU: see lm_moe/cpu_allocator.py
+        tune_cpu_allocator()
     main()

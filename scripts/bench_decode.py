@@ -23,7 +23,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from lm_moe.causality.subjects import ModelSubject
-from lm_moe.profiling.allocator import tune_cpu_allocator
+from lm_moe.cpu_allocator import tune_cpu_allocator
 from lm_moe.profiling.models import build_from_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ from rich.table import Table
 from torch import nn
 
 from lm_moe.layers import DenseFFN, SoftMoE, TopKMoE
-from lm_moe.profiling.allocator import tune_cpu_allocator
+from lm_moe.cpu_allocator import tune_cpu_allocator
 from lm_moe.profiling.timing import time_in_turns
 
 

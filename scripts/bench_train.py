@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lm_moe import cli
-from lm_moe.profiling.allocator import tune_cpu_allocator
+from lm_moe.cpu_allocator import tune_cpu_allocator
 
 REPO = Path(__file__).resolve().parents[1]
 

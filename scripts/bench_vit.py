@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench_train import StepTimer, build, parse_timing_options  # the LM benchmark's Lightning helpers (same folder)
-from lm_moe.profiling.allocator import tune_cpu_allocator
+from lm_moe.cpu_allocator import tune_cpu_allocator
 
 REPO = Path(__file__).resolve().parents[1]
 

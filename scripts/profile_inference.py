@@ -40,7 +40,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from lm_moe.causality.subjects import ModelSubject
 from lm_moe.cli import task_of
-from lm_moe.profiling.allocator import tune_cpu_allocator
+from lm_moe.cpu_allocator import tune_cpu_allocator
 from lm_moe.profiling.charts import Panel, draw
 from lm_moe.profiling.inference import DTYPES, measure_decoding, measure_images, round_up, trace_decoding_step
 from lm_moe.profiling.models import build_from_config, checkpoint_name, load_checkpoint

@@ -27,7 +27,8 @@ _THP_MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed memory for reuse; returns False where that is not possible."""
+    """Ask glibc to keep freed memory for reuse, in this process and in those it starts (DDP's
+    spawned workers read it from the environment); returns False where that is not possible."""
     if not sys.platform.startswith("linux"):
         return False
     name = ctypes.util.find_library("c")
@@ -38,7 +39,11 @@ def keep_freed_memory() -> bool:
         return False
     no_mmap = libc.mallopt(_M_MMAP_MAX, 0)  # large blocks come from the heap, not fresh mmaps
     no_trim = libc.mallopt(_M_TRIM_THRESHOLD, 2**30)  # and freed heap is not handed back
-    return bool(no_mmap and no_trim)
+    if not (no_mmap and no_trim):
+        return False
+    os.environ.setdefault("MALLOC_MMAP_MAX_", "0")  # the same two settings, as glibc reads them at start-up
+    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(2**30))
+    return True
 
 
 def transparent_huge_pages_mode(mode_file: Path = _THP_MODE_FILE) -> str | None:
