@@ -19,6 +19,9 @@ from pathlib import Path
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters from glibc's malloc.h
 _M_MMAP_MAX = -4
+_KEEP_FREED = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**30}  # no fresh mmaps for large blocks, no trimming
+# The same settings as glibc reads them from the environment at start-up (see mallopt(3)).
+_KEEP_FREED_VARIABLES = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**30)}
 
 # PyTorch's own switch: its CPU allocator aligns tensors of 2 MB and more to 2 MB and asks the
 # kernel for transparent huge pages (madvise). It is read once, at the first such allocation.
@@ -28,21 +31,23 @@ _THP_MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 def keep_freed_memory() -> bool:
     """Ask glibc to keep freed memory for reuse, in this process and in those it starts (DDP's
-    spawned workers read it from the environment); returns False where that is not possible."""
+    spawned workers read it from the environment). Returns whether the setting is in effect:
+    False where glibc is not there, or where the environment already sets MALLOC_MMAP_MAX_ or
+    MALLOC_TRIM_THRESHOLD_ to something else (the user's choice wins)."""
     if not sys.platform.startswith("linux"):
         return False
+    chosen = {name: os.environ[name] for name in _KEEP_FREED_VARIABLES if name in os.environ}
+    if chosen:  # glibc read them at start-up; a tuned parent process passes on exactly these
+        return chosen == _KEEP_FREED_VARIABLES
     name = ctypes.util.find_library("c")
     if name is None:
         return False
     libc = ctypes.CDLL(name)
     if not hasattr(libc, "mallopt"):  # musl and other C libraries without glibc's knobs
         return False
-    no_mmap = libc.mallopt(_M_MMAP_MAX, 0)  # large blocks come from the heap, not fresh mmaps
-    no_trim = libc.mallopt(_M_TRIM_THRESHOLD, 2**30)  # and freed heap is not handed back
-    if not (no_mmap and no_trim):
+    if not all(libc.mallopt(parameter, value) for parameter, value in _KEEP_FREED.items()):
         return False
-    os.environ.setdefault("MALLOC_MMAP_MAX_", "0")  # the same two settings, as glibc reads them at start-up
-    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(2**30))
+    os.environ.update(_KEEP_FREED_VARIABLES)
     return True
 
 
