@@ -78,7 +78,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first (the allocator settles in 3-5)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 20, or 5 with --quick)")
     parser.add_argument("--quick", action="store_true", help="quarter-size layers and batch 2: a smoke run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
