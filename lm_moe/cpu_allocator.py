@@ -17,11 +17,11 @@ import os
 import sys
 from pathlib import Path
 
-_M_TRIM_THRESHOLD = -1  # mallopt parameters from glibc's malloc.h
-_M_MMAP_MAX = -4
-_KEEP_FREED = {_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**30}  # no fresh mmaps for large blocks, no trimming
-# The same settings as glibc reads them from the environment at start-up (see mallopt(3)).
-_KEEP_FREED_VARIABLES = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**30)}
+# What keeps freed memory: large blocks come from the heap, not fresh mmaps, and freed heap is not
+# handed back. Each setting by the environment variable glibc reads at start-up (mallopt(3)), with
+# its mallopt parameter (glibc's malloc.h) and value.
+_KEEP_FREED = {"MALLOC_MMAP_MAX_": (-4, 0), "MALLOC_TRIM_THRESHOLD_": (-1, 2**30)}
+_KEEP_FREED_VARIABLES = {name: str(value) for name, (_, value) in _KEEP_FREED.items()}
 
 # PyTorch's own switch: its CPU allocator aligns tensors of 2 MB and more to 2 MB and asks the
 # kernel for transparent huge pages (madvise). It is read once, at the first such allocation.
@@ -45,7 +45,7 @@ def keep_freed_memory() -> bool:
     libc = ctypes.CDLL(name)
     if not hasattr(libc, "mallopt"):  # musl and other C libraries without glibc's knobs
         return False
-    if not all(libc.mallopt(parameter, value) for parameter, value in _KEEP_FREED.items()):
+    if not all(libc.mallopt(parameter, value) for parameter, value in _KEEP_FREED.values()):
         return False
     os.environ.update(_KEEP_FREED_VARIABLES)
     return True

@@ -196,3 +196,10 @@ def test_validate_and_test_a_checkpoint(trained_top2, monkeypatch, subcommand, k
     result = cli.main([subcommand, "-c", str(run_dir / "config.yaml"), f"--ckpt_path={run_dir}/checkpoints/last.ckpt"])
     loss = result.trainer.callback_metrics[key]
     assert torch.isfinite(loss) and result.trainer.callback_metrics[key.replace("loss", "ppl")] == pytest.approx(torch.exp(loss).item(), rel=1e-5)
+
+
+def test_the_cli_called_from_code_ignores_the_callers_own_argv_without_warning(tmp_path, monkeypatch, recwarn):
+    monkeypatch.setattr("sys.argv", ["some_script.py", "--its-own-flag"])
+    built = cli.main(["-c", str(LM_CONFIGS[0]), *tiny_args(tmp_path)], run=False)
+    assert built.model.model is not None
+    assert not [w for w in recwarn if "LightningCLI's args parameter" in str(w.message)]
