@@ -35,6 +35,8 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lm_moe.data.loaders import evaluation_loader, training_loader
+
 MNIST_5K = "mnist-5k"
 
 # PIL modes with one colour band (alpha aside); everything else is treated as colour.
@@ -369,24 +371,12 @@ class ImageDataModule(pl.LightningDataModule):
                 self.test_set = self.val_set
 
     def train_dataloader(self) -> DataLoader:
-        # Under DDP, Lightning swaps this sampler for a DistributedSampler (map-style dataset).
-        return DataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            generator=torch.Generator().manual_seed(self.seed),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return training_loader(self.train_set, self.batch_size, self.seed, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.val_set)
+        return evaluation_loader(self.val_set, self.batch_size, self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         """The `test` split, else the validation images."""
-        return self._eval_loader(self.test_set)
+        return evaluation_loader(self.test_set, self.batch_size, self.num_workers)
 
-    def _eval_loader(self, images: ImageTensors) -> DataLoader:
-        return DataLoader(images, batch_size=self.batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)

@@ -33,6 +33,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lm_moe.data.loaders import evaluation_loader, training_loader
 from lm_moe.data.tokenizer import load_encoding
 
 STDLIB = "python-stdlib"
@@ -312,24 +313,10 @@ class TextDataModule(pl.LightningDataModule):
             self.train_set, self.val_set = PackedBlocks(train), PackedBlocks(val)
 
     def train_dataloader(self) -> DataLoader:
-        # Under DDP, Lightning swaps this sampler for a DistributedSampler (map-style dataset).
-        return DataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            generator=torch.Generator().manual_seed(self.seed),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return training_loader(self.train_set, self.batch_size, self.seed, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.val_set,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return evaluation_loader(self.val_set, self.batch_size, self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         """The validation split: the corpus has no separate test documents."""

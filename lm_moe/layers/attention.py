@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm_moe.layers.checks import require_non_negative_float, require_positive_float, require_positive_int
+from lm_moe.layers.checks import require_fraction, require_positive_float, require_positive_int
 
 
 class KVCache:
@@ -71,8 +71,7 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"dim must be divisible by n_head, got dim={dim}, n_head={n_head}")
         if rotary and (dim // n_head) % 2:
             raise ValueError(f"rotary positions need an even head width dim/n_head, got {dim}/{n_head}")
-        if require_non_negative_float("dropout", dropout) >= 1:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        require_fraction("dropout", dropout)
         self.n_head = n_head
         self.head_dim = dim // n_head
         self.dropout = dropout

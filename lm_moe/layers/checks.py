@@ -24,3 +24,10 @@ def require_non_negative_float(name: str, value) -> float:
 def require_choice(name: str, value, allowed: Collection) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {sorted(allowed)}, got {value!r}")
+
+
+def require_fraction(name: str, value) -> float:
+    """A probability or rate in [0, 1): dropout, jitter noise, label smoothing."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm_moe.layers.checks import require_non_negative_float, require_positive_int
+from lm_moe.layers.checks import require_fraction, require_positive_int
 
 
 class EncoderSelfAttention(nn.Module):
@@ -20,8 +20,7 @@ class EncoderSelfAttention(nn.Module):
         require_positive_int("n_head", n_head)
         if dim % n_head:
             raise ValueError(f"dim must be divisible by n_head, got dim={dim}, n_head={n_head}")
-        if require_non_negative_float("dropout", dropout) >= 1:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        require_fraction("dropout", dropout)
         self.n_head = n_head
         self.head_dim = dim // n_head
         self.dropout = dropout

@@ -5,6 +5,7 @@ from torch import nn
 
 from lm_moe.layers.checks import (
     require_choice,
+    require_fraction,
     require_non_negative_float,
     require_positive_float,
     require_positive_int,
@@ -88,9 +89,7 @@ class TopKMoE(nn.Module):
             require_positive_float("capacity_factor", capacity_factor)
         self.load_balance_weight = require_non_negative_float("load_balance_weight", load_balance_weight)
         self.z_loss_weight = require_non_negative_float("z_loss_weight", z_loss_weight)
-        jitter_noise = require_non_negative_float("jitter_noise", jitter_noise)
-        if jitter_noise >= 1:
-            raise ValueError(f"jitter_noise must be in [0, 1), got {jitter_noise}")
+        jitter_noise = require_fraction("jitter_noise", jitter_noise)
         self.num_experts = num_experts
         self.top_k = top_k
         self.capacity_factor = capacity_factor

@@ -7,9 +7,10 @@ import torchmetrics
 from matplotlib.figure import Figure
 from pytorch_lightning.loggers import TensorBoardLogger
 
+from lm_moe.layers.checks import require_fraction
 from lm_moe.lit.checkpoints import require_matching_state
 from lm_moe.lit.moe_metrics import log_moe_stats
-from lm_moe.lit.optim import build_adamw_with_schedule, uses_grad_scaler
+from lm_moe.lit.optim import configure_adamw
 from lm_moe.models.vit import ViT
 
 TOP_K = (1, 5)  # accuracies reported: val/acc_top1, val/acc_top5 (top-5 only with more than 5 classes)
@@ -42,8 +43,7 @@ class ImageClassifier(pl.LightningModule):
     ):
         """`vit_kwargs` are ViT's arguments (patch_size, dim, depth, mlp, moe_blocks, ...); the CLI shows them."""
         super().__init__()
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        require_fraction("label_smoothing", label_smoothing)
         if logged_images < 0:
             raise ValueError(f"logged_images must be >= 0, got {logged_images}")
         self.save_hyperparameters()
@@ -115,17 +115,7 @@ class ImageClassifier(pl.LightningModule):
         require_matching_state(checkpoint["state_dict"], self.state_dict())
 
     def configure_optimizers(self) -> dict:
-        hp = self.hparams
-        return build_adamw_with_schedule(
-            self.model,
-            learning_rate=hp.learning_rate,
-            weight_decay=hp.weight_decay,
-            betas=tuple(hp.betas),
-            warmup_steps=hp.warmup_steps,
-            total_steps=int(self.trainer.estimated_stepping_batches),
-            min_lr_ratio=hp.min_lr_ratio,
-            grad_scaler=uses_grad_scaler(self.trainer),
-        )
+        return configure_adamw(self)
 
     def _tensorboards(self):
         return [logger.experiment for logger in self.loggers if isinstance(logger, TensorBoardLogger)]

@@ -9,7 +9,7 @@ import torchmetrics
 
 from lm_moe.lit.checkpoints import require_matching_state
 from lm_moe.lit.moe_metrics import log_moe_stats
-from lm_moe.lit.optim import build_adamw_with_schedule, uses_grad_scaler
+from lm_moe.lit.optim import configure_adamw
 from lm_moe.models.generation import generate
 from lm_moe.models.gpt import GPT
 
@@ -133,14 +133,4 @@ class LanguageModel(pl.LightningModule):
         return {"prompt_ids": prompt, "generated_ids": tokens[:, prompt.shape[1] :]}
 
     def configure_optimizers(self) -> dict:
-        hp = self.hparams
-        return build_adamw_with_schedule(
-            self.model,
-            learning_rate=hp.learning_rate,
-            weight_decay=hp.weight_decay,
-            betas=tuple(hp.betas),
-            warmup_steps=hp.warmup_steps,
-            total_steps=int(self.trainer.estimated_stepping_batches),
-            min_lr_ratio=hp.min_lr_ratio,
-            grad_scaler=uses_grad_scaler(self.trainer),
-        )
+        return configure_adamw(self)

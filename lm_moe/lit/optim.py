@@ -62,6 +62,22 @@ def build_adamw_with_schedule(
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
+def configure_adamw(module: pl.LightningModule) -> dict:
+    """`build_adamw_with_schedule` for `module.model` from the module's hyper-parameters
+    (learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio), over the trainer's steps."""
+    hp = module.hparams
+    return build_adamw_with_schedule(
+        module.model,
+        learning_rate=hp.learning_rate,
+        weight_decay=hp.weight_decay,
+        betas=tuple(hp.betas),
+        warmup_steps=hp.warmup_steps,
+        total_steps=int(module.trainer.estimated_stepping_batches),
+        min_lr_ratio=hp.min_lr_ratio,
+        grad_scaler=uses_grad_scaler(module.trainer),
+    )
+
+
 def uses_grad_scaler(trainer: pl.Trainer) -> bool:
     """Whether the trainer's precision steps optimizers through a GradScaler (fp16 mixed on a GPU)."""
     return getattr(trainer.precision_plugin, "scaler", None) is not None

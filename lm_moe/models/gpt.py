@@ -16,7 +16,7 @@ from torch import nn
 
 from lm_moe.layers.attention import KVCache
 from lm_moe.layers.block import BlockCache, TransformerBlock
-from lm_moe.layers.checks import require_choice, require_non_negative_float, require_positive_int
+from lm_moe.layers.checks import require_choice, require_fraction, require_positive_int
 from lm_moe.layers.ffn import ACTIVATIONS, DenseFFN, ExpertWeights
 
 MOE_BLOCKS = ("all", "every_other", "second_half", "none")
@@ -100,8 +100,7 @@ class GPT(nn.Module):
             require_positive_int("dense_hidden_dim", dense_hidden_dim)
         require_choice("dense_activation", dense_activation, ACTIVATIONS)
         require_choice("positions", positions, POSITIONS)
-        if require_non_negative_float("dropout", dropout) >= 1:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        require_fraction("dropout", dropout)
 
         self.vocab_size = vocab_size
         self.block_size = block_size

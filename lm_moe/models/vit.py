@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lm_moe.layers.checks import require_choice, require_non_negative_float, require_positive_int
+from lm_moe.layers.checks import require_choice, require_fraction, require_positive_int
 from lm_moe.layers.encoder_attention import EncoderSelfAttention
 from lm_moe.layers.ffn import DenseFFN, ExpertWeights
 from lm_moe.layers.layer_output import LayerAux
@@ -90,8 +90,7 @@ class ViT(nn.Module):
         if dense_hidden_dim is not None:
             require_positive_int("dense_hidden_dim", dense_hidden_dim)
         require_choice("pool", pool, POOLS)
-        if require_non_negative_float("dropout", dropout) >= 1:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        require_fraction("dropout", dropout)
 
         self.num_classes = num_classes
         self.image_size = image_size

@@ -142,6 +142,7 @@ def test_experts_and_slots_sweep_from_the_command_line(tmp_path):
         (["--model.mlp.init_args.slots_per_expert=0"], ValueError, "slots_per_expert must be a positive integer, got 0"),
         (["--data.channels=3"], ValueError, "is grayscale .* but channels=3"),
         (["--data.label_column=digit"], ValueError, "label_column 'digit' is not in"),
+        (["--model.label_smoothing=1.0"], ValueError, r"label_smoothing must be a number in \[0, 1\), got 1.0"),
         (["--data.dataset=no-such/dataset"], FileNotFoundError, "could not load dataset 'no-such/dataset'"),
     ],
 )
