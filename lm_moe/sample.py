@@ -6,10 +6,11 @@
 import torch
 from jsonargparse import auto_cli
 
+from lm_moe.argument_checks import require_non_negative_int, require_positive_int
 from lm_moe.data.tokenizer import load_encoding
 from lm_moe.lit.checkpoints import read_checkpoint
 from lm_moe.lit.language_model import LanguageModel
-from lm_moe.models.generation import generate
+from lm_moe.models.generation import check_sampling, generate
 
 
 def sample(
@@ -36,6 +37,9 @@ def sample(
         seed: random seed of the sampling.
         device: where to run, e.g. "cpu" or "cuda".
     """
+    require_positive_int("num_samples", num_samples)
+    require_non_negative_int("max_new_tokens", max_new_tokens)
+    check_sampling(temperature, top_k, top_p)
     checkpoint = read_checkpoint(ckpt_path)
     data_args = checkpoint.get("datamodule_hyper_parameters", {})
     tokenizer = load_encoding(data_args.get("tokenizer", "cl100k_base"), data_args.get("vocab_size"))

@@ -206,6 +206,16 @@ def test_unknown_dataset_offline(tmp_path):
         dm.prepare_data()
 
 
-def test_bad_split_fraction(tmp_path, corpus):
-    with pytest.raises(ValueError, match="val_fraction.*1.5"):
-        _module(tmp_path, val_fraction=1.5, **corpus["txt"])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"val_fraction": 1.5}, r"val_fraction must be a number in \(0, 1\), got 1.5"),
+        ({"val_fraction": 0.0}, r"val_fraction must be a number in \(0, 1\), got 0.0"),
+        ({"block_size": 0}, "block_size must be a positive integer, got 0"),
+        ({"batch_size": True}, "batch_size must be a positive integer, got True"),
+        ({"num_workers": -1}, "num_workers must be an integer >= 0, got -1"),
+    ],
+)
+def test_bad_arguments_name_the_problem(tmp_path, corpus, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _module(tmp_path, **{**corpus["txt"], **kwargs})

@@ -35,6 +35,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lm_moe.argument_checks import require_non_negative_int, require_positive_int, require_proper_fraction
 from lm_moe.data.loaders import evaluation_loader, training_loader
 
 MNIST_5K = "mnist-5k"
@@ -192,16 +193,14 @@ class ImageDataModule(pl.LightningDataModule):
         # The model's hparams hold the resolved channels and size; Lightning refuses a shared key
         # whose values differ (None here).
         self.save_hyperparameters(ignore=["channels", "image_size"])
-        if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
-            raise ValueError(f"image_size must be a positive integer or None, got {image_size!r}")
+        if image_size is not None:
+            require_positive_int("image_size", image_size)
         if channels is not None and channels not in _PIL_MODE:
             raise ValueError(f"channels must be 1 (grayscale), 3 (RGB) or None (as the data), got {channels!r}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        if crop_padding < 0:
-            raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
+        require_positive_int("batch_size", batch_size)
+        require_proper_fraction("val_fraction", val_fraction)
+        require_non_negative_int("crop_padding", crop_padding)
+        require_non_negative_int("num_workers", num_workers)
         self.dataset = dataset
         self.data_dir = data_dir
         self.dataset_config = dataset_config

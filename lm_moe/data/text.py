@@ -33,6 +33,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lm_moe.argument_checks import require_non_negative_int, require_positive_int, require_proper_fraction
 from lm_moe.data.loaders import evaluation_loader, training_loader
 from lm_moe.data.tokenizer import load_encoding
 
@@ -154,10 +155,10 @@ class TextDataModule(pl.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if block_size < 1 or batch_size < 1:
-            raise ValueError(f"block_size and batch_size must be >= 1, got {block_size} and {batch_size}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        require_positive_int("block_size", block_size)
+        require_positive_int("batch_size", batch_size)
+        require_proper_fraction("val_fraction", val_fraction)
+        require_non_negative_int("num_workers", num_workers)
         if max_documents is not None and max_documents < 2:
             raise ValueError(f"max_documents must be >= 2 (one train, one validation), got {max_documents}")
         self.dataset = dataset

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm_moe.layers.checks import require_fraction, require_positive_float, require_positive_int
+from lm_moe.argument_checks import require_fraction, require_positive_float, require_positive_int
 
 
 class KVCache:

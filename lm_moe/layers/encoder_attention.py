@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm_moe.layers.checks import require_fraction, require_positive_int
+from lm_moe.argument_checks import require_fraction, require_positive_int
 
 
 class EncoderSelfAttention(nn.Module):

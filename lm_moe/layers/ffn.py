@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm_moe.layers.checks import require_choice, require_positive_int
+from lm_moe.argument_checks import require_choice, require_positive_int
 from lm_moe.layers.layer_output import LayerAux
 
 ACTIVATIONS = ("gelu", "swiglu")

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm_moe.layers.checks import require_choice, require_positive_int
+from lm_moe.argument_checks import require_choice, require_positive_int
 from lm_moe.layers.ffn import ExpertWeights, compute_dtype
 from lm_moe.layers.layer_output import LayerAux, deferred_stats
 from lm_moe.layers.routing import masked_mean

@@ -34,7 +34,7 @@ sequences of a group must decode in lock-step (the batch a multiple of G).
 import torch
 from torch import nn
 
-from lm_moe.layers.checks import require_positive_int
+from lm_moe.argument_checks import require_positive_int
 from lm_moe.layers.ffn import ExpertWeights, compute_dtype
 from lm_moe.layers.layer_output import LayerAux, deferred_stats
 from lm_moe.layers.routing import entropy, masked_mean

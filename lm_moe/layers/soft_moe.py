@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm_moe.layers.checks import require_positive_int
+from lm_moe.argument_checks import require_positive_int
 from lm_moe.layers.ffn import ExpertWeights, compute_dtype
 from lm_moe.layers.layer_output import LayerAux, deferred_stats
 from lm_moe.layers.routing import masked_mean, routing_dtype, softmax_entropy

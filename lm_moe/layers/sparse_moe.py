@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from lm_moe.layers.checks import (
+from lm_moe.argument_checks import (
     require_choice,
     require_fraction,
     require_non_negative_float,

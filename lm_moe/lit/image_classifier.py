@@ -7,10 +7,10 @@ import torchmetrics
 from matplotlib.figure import Figure
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from lm_moe.layers.checks import require_fraction
+from lm_moe.argument_checks import require_fraction, require_non_negative_int
 from lm_moe.lit.checkpoints import require_matching_state
 from lm_moe.lit.moe_metrics import log_moe_stats
-from lm_moe.lit.optim import configure_adamw
+from lm_moe.lit.optim import check_adamw_settings, configure_adamw
 from lm_moe.models.vit import ViT
 
 TOP_K = (1, 5)  # accuracies reported: val/acc_top1, val/acc_top5 (top-5 only with more than 5 classes)
@@ -43,9 +43,9 @@ class ImageClassifier(pl.LightningModule):
     ):
         """`vit_kwargs` are ViT's arguments (patch_size, dim, depth, mlp, moe_blocks, ...); the CLI shows them."""
         super().__init__()
+        check_adamw_settings(learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio)
         require_fraction("label_smoothing", label_smoothing)
-        if logged_images < 0:
-            raise ValueError(f"logged_images must be >= 0, got {logged_images}")
+        require_non_negative_int("logged_images", logged_images)
         self.save_hyperparameters()
         self.model = ViT(num_classes, image_size, channels, **vit_kwargs)
         self.accuracy_k = [k for k in TOP_K if k == 1 or k < num_classes]

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 
+from lm_moe.argument_checks import require_non_negative_int, require_positive_int
 from lm_moe.lit.checkpoints import require_matching_state
 from lm_moe.lit.moe_metrics import log_moe_stats
-from lm_moe.lit.optim import configure_adamw
-from lm_moe.models.generation import generate
+from lm_moe.lit.optim import check_adamw_settings, configure_adamw
+from lm_moe.models.generation import check_sampling, generate
 from lm_moe.models.gpt import GPT
 
 
@@ -25,6 +26,11 @@ class SamplingSettings:
     top_k: int | None = 50
     top_p: float | None = None
     seed: int = 0
+
+    def __post_init__(self):
+        require_positive_int("sampling.prompt_tokens", self.prompt_tokens)
+        require_non_negative_int("sampling.new_tokens", self.new_tokens)
+        check_sampling(self.temperature, self.top_k, self.top_p, prefix="sampling.")
 
 
 class LanguageModel(pl.LightningModule):
@@ -50,6 +56,7 @@ class LanguageModel(pl.LightningModule):
         """`gpt_kwargs` are GPT's arguments (n_layer, dim, ffn, moe_blocks, ...); the CLI shows them.
         `compile=True` runs the training forward through torch.compile."""
         super().__init__()
+        check_adamw_settings(learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio)
         self.save_hyperparameters()
         # Checkpoints store the settings as a dict; rebuild the dataclass when loading one.
         self.sampling = sampling if isinstance(sampling, SamplingSettings) else SamplingSettings(**sampling)

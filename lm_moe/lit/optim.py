@@ -6,6 +6,29 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from lm_moe.argument_checks import (
+    require_fraction,
+    require_non_negative_float,
+    require_non_negative_int,
+    require_positive_float,
+    require_unit_interval,
+)
+
+
+def check_adamw_settings(
+    learning_rate: float, weight_decay: float, betas: tuple[float, float], warmup_steps: int, min_lr_ratio: float
+) -> None:
+    """Refuse settings AdamW or the schedule would reject late (after the data is prepared) or
+    take silently: a negative decay, a negative warmup, a cosine that ends above its start."""
+    require_positive_float("learning_rate", learning_rate)
+    require_non_negative_float("weight_decay", weight_decay)
+    if isinstance(betas, str) or not hasattr(betas, "__len__") or len(betas) != 2:
+        raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
+    for i, beta in enumerate(betas):
+        require_fraction(f"betas[{i}]", beta)
+    require_non_negative_int("warmup_steps", warmup_steps)
+    require_unit_interval("min_lr_ratio", min_lr_ratio)
+
 
 def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices and stacked expert weights only: not on norms, biases, scalar

@@ -2,8 +2,17 @@
 
 import torch
 
-from lm_moe.layers.checks import require_non_negative_float, require_positive_int
+from lm_moe.argument_checks import require_non_negative_float, require_non_negative_int, require_positive_int
 from lm_moe.models.gpt import GPT
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, prefix: str = "") -> None:
+    """Refuse settings `sample_next` cannot use; `prefix` qualifies the names in the error."""
+    require_non_negative_float(prefix + "temperature", temperature)
+    if top_k is not None:
+        require_positive_int(prefix + "top_k", top_k)
+    if top_p is not None and not (isinstance(top_p, (int, float)) and not isinstance(top_p, bool) and 0 < top_p <= 1):
+        raise ValueError(f"{prefix}top_p must be a number in (0, 1] or None, got {top_p!r}")
 
 
 def sample_next(
@@ -50,13 +59,8 @@ def generate(
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must have shape [B, T0] with T0 >= 1, got {tuple(input_ids.shape)}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    require_non_negative_float("temperature", temperature)
-    if top_k is not None:
-        require_positive_int("top_k", top_k)
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    require_non_negative_int("max_new_tokens", max_new_tokens)
+    check_sampling(temperature, top_k, top_p)
     B, T0 = input_ids.shape
     if T0 + max_new_tokens > model.block_size:
         raise ValueError(

@@ -16,7 +16,7 @@ from torch import nn
 
 from lm_moe.layers.attention import KVCache
 from lm_moe.layers.block import BlockCache, TransformerBlock
-from lm_moe.layers.checks import require_choice, require_fraction, require_positive_int
+from lm_moe.argument_checks import require_choice, require_fraction, require_positive_int
 from lm_moe.layers.ffn import ACTIVATIONS, DenseFFN, ExpertWeights
 
 MOE_BLOCKS = ("all", "every_other", "second_half", "none")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lm_moe.layers.checks import require_choice, require_fraction, require_positive_int
+from lm_moe.argument_checks import require_choice, require_fraction, require_positive_int
 from lm_moe.layers.encoder_attention import EncoderSelfAttention
 from lm_moe.layers.ffn import DenseFFN, ExpertWeights
 from lm_moe.layers.layer_output import LayerAux

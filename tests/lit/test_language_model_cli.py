@@ -9,6 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lm_moe import cli, sample
 from lm_moe.layers import TopKMoE
+from lm_moe.lit.language_model import SamplingSettings
 
 from .tiny_runs import tiny_run_args
 
@@ -147,6 +148,37 @@ def test_loss_goes_down_on_a_tiny_fixed_corpus(tmp_path, monkeypatch):
     assert losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--model.learning_rate=-1", "learning_rate must be a positive number, got -1.0"),
+        ("--model.min_lr_ratio=2", r"min_lr_ratio must be a number in \[0, 1\], got 2"),
+        ("--model.sampling.top_p=1.5", r"sampling.top_p must be a number in \(0, 1\] or None, got 1.5"),
+        ("--data.val_fraction=0", r"val_fraction must be a number in \(0, 1\), got 0"),
+    ],
+)
+def test_bad_settings_fail_before_anything_is_written(tmp_path, monkeypatch, override, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        fit(REPO / "configs/lm/top2.yaml", tmp_path / "cache", override)
+    assert list(tmp_path.iterdir()) == []  # no run folder, no data cache
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"prompt_tokens": 0}, "sampling.prompt_tokens must be a positive integer, got 0"),
+        ({"new_tokens": -1}, "sampling.new_tokens must be an integer >= 0, got -1"),
+        ({"temperature": -0.5}, "sampling.temperature must be a number >= 0, got -0.5"),
+        ({"top_k": 0}, "sampling.top_k must be a positive integer, got 0"),
+        ({"top_p": 0.0}, r"sampling.top_p must be a number in \(0, 1\] or None, got 0.0"),
+    ],
+)
+def test_bad_sampling_settings_are_refused_by_name(setting, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingSettings(**setting)
+
+
 def test_sample_prints_a_continuation_of_the_prompt(trained_top2, capsys):
     work, _ = trained_top2
     checkpoint = str(work / "runs/top2/version_0/checkpoints/last.ckpt")
@@ -162,6 +194,19 @@ def test_sample_refuses_what_is_not_a_checkpoint(tmp_path, bad_file):
     (tmp_path / "config.yaml").write_text("model: {}\n")
     with pytest.raises((FileNotFoundError, ValueError), match=bad_file):
         sample.sample(str(tmp_path / bad_file))
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"num_samples": 0}, "num_samples must be a positive integer, got 0"),
+        ({"max_new_tokens": -5}, "max_new_tokens must be an integer >= 0, got -5"),
+        ({"top_p": 2.0}, r"top_p must be a number in \(0, 1\] or None, got 2.0"),
+    ],
+)
+def test_sample_checks_its_settings_before_reading_the_checkpoint(tmp_path, setting, message):
+    with pytest.raises(ValueError, match=message):
+        sample.sample(str(tmp_path / "missing.ckpt"), **setting)
 
 
 def test_print_config_shows_the_linked_and_ffn_settings(capsys):

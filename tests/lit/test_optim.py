@@ -7,7 +7,9 @@ import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import nn
 
-from lm_moe.lit.optim import adamw_param_groups, build_adamw_with_schedule, uses_grad_scaler
+from lm_moe.lit.image_classifier import ImageClassifier
+from lm_moe.lit.language_model import LanguageModel
+from lm_moe.lit.optim import adamw_param_groups, build_adamw_with_schedule, check_adamw_settings, uses_grad_scaler
 
 # warmup_steps=1: the schedule starts at the full learning rate, as the reference runs.
 SETTINGS = dict(learning_rate=1e-2, weight_decay=0.1, betas=(0.9, 0.95), warmup_steps=1, total_steps=10, min_lr_ratio=0.1)
@@ -53,3 +55,46 @@ def test_uses_grad_scaler_reads_the_precision_plugin():
     scaled = MixedPrecision("16-mixed", "cuda", scaler=torch.amp.GradScaler("cpu"))
     assert uses_grad_scaler(SimpleNamespace(precision_plugin=scaled))
     assert not uses_grad_scaler(SimpleNamespace(precision_plugin=MixedPrecision("bf16-mixed", "cpu")))
+
+
+GOOD_SETTINGS = dict(learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95), warmup_steps=100, min_lr_ratio=0.1)
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"learning_rate": 0.0}, "learning_rate must be a positive number, got 0.0"),
+        ({"learning_rate": float("nan")}, "learning_rate must be a positive number, got nan"),
+        ({"weight_decay": -0.1}, "weight_decay must be a number >= 0, got -0.1"),
+        ({"betas": (1.0, 0.95)}, r"betas\[0\] must be a number in \[0, 1\), got 1.0"),
+        ({"betas": (0.9, -0.5)}, r"betas\[1\] must be a number in \[0, 1\), got -0.5"),
+        ({"betas": (0.9,)}, r"betas must be a pair of numbers in \[0, 1\), got \(0.9,\)"),
+        ({"betas": "0.9"}, "betas must be a pair"),
+        ({"warmup_steps": -3}, "warmup_steps must be an integer >= 0, got -3"),
+        ({"warmup_steps": 2.5}, "warmup_steps must be an integer >= 0, got 2.5"),
+        ({"min_lr_ratio": 2}, r"min_lr_ratio must be a number in \[0, 1\], got 2"),
+        ({"min_lr_ratio": -0.1}, r"min_lr_ratio must be a number in \[0, 1\], got -0.1"),
+    ],
+)
+def test_bad_optimizer_settings_are_refused_by_name(setting, message):
+    with pytest.raises(ValueError, match=message):
+        check_adamw_settings(**{**GOOD_SETTINGS, **setting})
+
+
+def test_the_ends_of_the_allowed_ranges_are_accepted():
+    check_adamw_settings(learning_rate=1e-3, weight_decay=0.0, betas=[0.0, 0.0], warmup_steps=0, min_lr_ratio=1.0)
+    check_adamw_settings(learning_rate=1e-3, weight_decay=0.0, betas=(0.9, 0.999), warmup_steps=0, min_lr_ratio=0.0)
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        lambda **bad: LanguageModel(vocab_size=64, block_size=8, n_layer=1, n_head=1, dim=8, **bad),
+        lambda **bad: ImageClassifier(num_classes=3, image_size=8, channels=1, patch_size=4, depth=1, n_head=1, dim=8, **bad),
+    ],
+    ids=["LanguageModel", "ImageClassifier"],
+)
+def test_both_lightning_modules_check_their_optimizer_settings_when_built(module):
+    module()  # the same small module with good settings builds
+    with pytest.raises(ValueError, match=r"min_lr_ratio must be a number in \[0, 1\], got 2"):
+        module(min_lr_ratio=2)
