@@ -19,6 +19,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 
 from lm_moe.lit.callbacks import TextPredictionWriter, Throughput
+from lm_moe.lit.interruption import CheckpointOnInterrupt
 
 RUNS_DIR = "runs"
 
@@ -119,12 +120,17 @@ TASKS = {
     "lm": Task(
         LanguageModelCLI,
         _language_model_classes,
-        lambda: [LearningRateMonitor(logging_interval="step"), Throughput("tokens", "targets"), TextPredictionWriter()],
+        lambda: [
+            LearningRateMonitor(logging_interval="step"),
+            Throughput("tokens", "targets"),
+            TextPredictionWriter(),
+            CheckpointOnInterrupt(),
+        ],
     ),
     "vit": Task(
         ImageClassifierCLI,
         _image_classifier_classes,
-        lambda: [LearningRateMonitor(logging_interval="step"), Throughput("images", "labels")],
+        lambda: [LearningRateMonitor(logging_interval="step"), Throughput("images", "labels"), CheckpointOnInterrupt()],
     ),
 }
 

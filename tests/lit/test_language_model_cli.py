@@ -1,6 +1,7 @@
 """The language-model job end to end through the Lightning CLI, at toy sizes, offline."""
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,28 @@ def test_resume_from_last_continues_step_count_and_optimizer(trained_top2, monke
     assert Path(resumed.trainer.logger.log_dir).name == "version_1"  # the first run's logs stay
     adam_steps = {float(state["step"]) for state in resumed.trainer.optimizers[0].state.values()}
     assert adam_steps == {6.0}  # Adam's moments continued from step 4, not from scratch
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_run_writes_last_ckpt_at_the_step_it_reached_and_resumes_there(tmp_path, monkeypatch, signum):
+    # No validation, so no checkpoint before the interruption: without one, the run would restart at 0.
+    monkeypatch.chdir(tmp_path)
+    no_validation = "--trainer.limit_val_batches=0"
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            fit(REPO / "configs/lm/top2.yaml", tmp_path / "cache", no_validation, "--trainer.callbacks+=tests.lit.tiny_runs.SignalAtStep",
+                "--trainer.callbacks.step=2", f"--trainer.callbacks.signum={int(signum)}", steps=8)
+    finally:  # Lightning ignores Ctrl-C once it has stopped on one
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    assert stopped.value.code != 0
+    saved = torch.load(tmp_path / "runs/top2/version_0/checkpoints/last.ckpt", weights_only=False)
+    assert saved["global_step"] == 3  # the step under way when the signal came was finished
+
+    resumed = fit(REPO / "configs/lm/top2.yaml", tmp_path / "cache", no_validation, "--ckpt_path=last", steps=5)
+    assert resumed.trainer.global_step == 5
+    assert {float(state["step"]) for state in resumed.trainer.optimizers[0].state.values()} == {5.0}
 
 
 def test_ckpt_path_last_without_a_run_says_so(tmp_path, monkeypatch):

@@ -1,6 +1,9 @@
 """Trainer flags that make any config's run a few seconds long, for the CLI tests of both tasks."""
 
+import os
 from pathlib import Path
+
+import pytorch_lightning as pl
 
 
 def tiny_run_args(cache_dir: Path, steps: int) -> list[str]:
@@ -15,3 +18,16 @@ def tiny_run_args(cache_dir: Path, steps: int) -> list[str]:
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
     ]
+
+
+class SignalAtStep(pl.Callback):
+    """Sends this process signal `signum` as training step `step` starts, as Ctrl-C (SIGINT) or a
+    scheduler's preemption (SIGTERM) would. For the CLI: `--trainer.callbacks+=tests.lit.tiny_runs.SignalAtStep`."""
+
+    def __init__(self, step: int, signum: int):
+        self.step = step
+        self.signum = signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
