@@ -170,6 +170,7 @@ def main(args: list[str] | None = None, run: bool = True) -> LmMoeCLI:
             args=args,
             run=run,
             auto_configure_optimizers=False,  # the modules bring their own AdamW + schedule
+            parser_kwargs={"prog": "python -m lm_moe"},  # not "__main__.py" in usage lines and errors
             save_config_kwargs={"overwrite": True},
             trainer_defaults={
                 "default_root_dir": RUNS_DIR,

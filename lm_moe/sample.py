@@ -72,7 +72,7 @@ def sample(
 
 
 def main(args=None) -> None:
-    auto_cli(sample, args=args)
+    auto_cli(sample, args=args, prog="python -m lm_moe.sample")
 
 
 if __name__ == "__main__":

@@ -232,6 +232,14 @@ def test_sample_checks_its_settings_before_reading_the_checkpoint(tmp_path, sett
         sample.sample(str(tmp_path / "missing.ckpt"), **setting)
 
 
+@pytest.mark.parametrize("main, command", [(cli.main, "python -m lm_moe"), (sample.main, "python -m lm_moe.sample")])
+def test_help_names_the_command_to_type(capsys, main, command):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: {command} ")
+
+
 def test_print_config_shows_the_linked_and_ffn_settings(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["fit", "-c", str(REPO / "configs/lm/top2.yaml"), "--print_config"])
