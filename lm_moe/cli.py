@@ -19,9 +19,11 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 
 from lm_moe.lit.callbacks import TextPredictionWriter, Throughput
+from lm_moe.lit.checkpoints import read_checkpoint, require_matching_state
 from lm_moe.lit.interruption import CheckpointOnInterrupt
 
 RUNS_DIR = "runs"
+LIGHTNING_CHECKPOINT_NAMES = ("best", "hpc", "registry")  # --ckpt_path values Lightning resolves itself
 
 
 def newest_last_checkpoint(logger_root: Path) -> Path:
@@ -77,8 +79,18 @@ class LmMoeCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if ckpt_path == "last":
             config.ckpt_path = str(newest_last_checkpoint(logger_root(config.trainer.logger)))
-        elif ckpt_path is not None and ckpt_path not in ("best", "hpc", "registry") and not Path(ckpt_path).is_file():
+        elif ckpt_path is not None and ckpt_path not in LIGHTNING_CHECKPOINT_NAMES and not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"--ckpt_path: no checkpoint file at {ckpt_path!r}")
+
+    def before_fit(self) -> None:
+        """Before any data work, refuse a checkpoint that is not one of lm_moe's or does not fit the
+        model this config builds. (The module checks again when Lightning loads it, but only after
+        the data is prepared, which can take minutes for a new corpus.)"""
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path is not None and ckpt_path not in LIGHTNING_CHECKPOINT_NAMES:
+            require_matching_state(read_checkpoint(ckpt_path)["state_dict"], self.model.state_dict())
+
+    before_validate = before_test = before_predict = before_fit
 
 
 class LanguageModelCLI(LmMoeCLI):

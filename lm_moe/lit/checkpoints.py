@@ -1,5 +1,6 @@
 """Checkpoint checks: refuse a checkpoint that does not fit the model, and say why."""
 
+import zipfile
 from pathlib import Path
 
 import torch
@@ -34,7 +35,9 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+        # Memory-mapped, the tensors are read only where used: a check of shapes reads none of them.
+        # Only torch's zip format maps (what Lightning writes); older files and damaged ones load as they are.
+        checkpoint = torch.load(path, map_location=map_location, weights_only=False, mmap=zipfile.is_zipfile(path))
     except Exception as error:  # torch raises several kinds for files that are not checkpoints
         raise ValueError(f"{str(path)!r} is not a readable PyTorch checkpoint: {error}") from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:

@@ -145,12 +145,27 @@ def test_ckpt_path_last_without_a_run_says_so(tmp_path, monkeypatch):
         fit(REPO / "configs/lm/top2.yaml", tmp_path / "cache", "--ckpt_path=last")
 
 
-def test_checkpoint_of_another_architecture_is_refused_before_training(trained_top2, tmp_path, monkeypatch):
-    work, cache = trained_top2
+def test_checkpoint_of_another_architecture_is_refused_before_any_data_work(trained_top2, tmp_path, monkeypatch):
+    work, _ = trained_top2
     monkeypatch.chdir(tmp_path)
     checkpoint = work / "runs/top2/version_0/checkpoints/last.ckpt"
     with pytest.raises(ValueError, match="different architecture"):
-        fit(REPO / "configs/lm/dense.yaml", cache, f"--ckpt_path={checkpoint}")
+        fit(REPO / "configs/lm/dense.yaml", tmp_path / "cache", f"--ckpt_path={checkpoint}")
+    assert list(tmp_path.iterdir()) == []  # no data prepared, no run folder
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_checkpoint_is_refused_before_any_data_work(trained_top2, tmp_path, monkeypatch, damage):
+    work, _ = trained_top2
+    monkeypatch.chdir(tmp_path)
+    intact = (work / "runs/top2/version_0/checkpoints/last.ckpt").read_bytes()
+    damaged = tmp_path / "damaged" / "last.ckpt"
+    damaged.parent.mkdir()
+    damaged.write_bytes(bytes(range(256)) * 8 if damage == "garbage" else intact[: len(intact) // 2])
+    for subcommand in ("fit", "validate"):
+        with pytest.raises(ValueError, match="damaged/last.ckpt' is not a readable PyTorch checkpoint"):
+            cli.main([subcommand, "-c", str(REPO / "configs/lm/top2.yaml"), *tiny_args(tmp_path / "cache"), f"--ckpt_path={damaged}"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["damaged"]
 
 
 def test_loss_goes_down_on_a_tiny_fixed_corpus(tmp_path, monkeypatch):
