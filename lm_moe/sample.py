@@ -40,7 +40,7 @@ def sample(
     require_positive_int("num_samples", num_samples)
     require_non_negative_int("max_new_tokens", max_new_tokens)
     check_sampling(temperature, top_k, top_p)
-    checkpoint = read_checkpoint(ckpt_path)
+    checkpoint = read_checkpoint(ckpt_path, task="lm")
     data_args = checkpoint.get("datamodule_hyper_parameters", {})
     tokenizer = load_encoding(data_args.get("tokenizer", "cl100k_base"), data_args.get("vocab_size"))
     model = LanguageModel.load_from_checkpoint(ckpt_path, map_location=device).model

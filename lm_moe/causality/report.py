@@ -31,7 +31,7 @@ def model_from(configs: list[str], overrides: list[str], ckpt_path: str | None) 
     from lm_moe.lit.language_model import LanguageModel
 
     if not configs:
-        read_checkpoint(ckpt_path)  # clear errors for a missing or foreign file
+        read_checkpoint(ckpt_path, task="lm")  # clear errors for a missing, foreign or ViT file
         return LanguageModel.load_from_checkpoint(ckpt_path, map_location="cpu").model
     args = [item for config in configs for item in ("-c", config)]
     module = cli.main(args + overrides + ["--trainer.logger=false"], run=False).model

@@ -29,8 +29,17 @@ def require_matching_state(checkpoint_state: dict[str, torch.Tensor], model_stat
     )
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a Lightning checkpoint file, with clear errors for a missing or foreign file."""
+TASK_MODELS = {"lm": "a language model", "vit": "an image classifier"}
+
+
+def checkpoint_task(checkpoint: dict) -> str:
+    """The task a checkpoint was trained for: "vit" (its hyper-parameters name the classes) or "lm"."""
+    return "vit" if "num_classes" in checkpoint["hyper_parameters"] else "lm"
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", task: str | None = None) -> dict:
+    """Load a Lightning checkpoint file, with clear errors for a missing, damaged or foreign file,
+    and for one of another task than `task` ("lm" or "vit"; None = either)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
@@ -42,4 +51,10 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ValueError(f"{str(path)!r} is not a readable PyTorch checkpoint: {error}") from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise ValueError(f"{str(path)!r} is not a Lightning checkpoint of an lm_moe model (no state_dict / hyper_parameters)")
+    found = checkpoint_task(checkpoint)
+    if task is not None and found != task:
+        raise ValueError(
+            f"{str(path)!r} is the checkpoint of {TASK_MODELS[found]} (task: {found}); "
+            f"this needs the checkpoint of {TASK_MODELS[task]} (task: {task})"
+        )
     return checkpoint

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from lm_moe.lit.checkpoints import read_checkpoint
+from lm_moe.lit.checkpoints import checkpoint_task, read_checkpoint
 
 
 def build_from_config(config: str | Path, overrides: list[str] = (), block_size: int | None = None) -> nn.Module:
@@ -34,8 +34,7 @@ def load_checkpoint(path: str | Path) -> nn.Module:
     from lm_moe.lit.image_classifier import ImageClassifier
     from lm_moe.lit.language_model import LanguageModel
 
-    hyper_parameters = read_checkpoint(path)["hyper_parameters"]
-    module_class = ImageClassifier if "num_classes" in hyper_parameters else LanguageModel
+    module_class = ImageClassifier if checkpoint_task(read_checkpoint(path)) == "vit" else LanguageModel
     return module_class.load_from_checkpoint(path, map_location="cpu").model.eval()
 
 

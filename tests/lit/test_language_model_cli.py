@@ -9,6 +9,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lm_moe import cli, sample
+from lm_moe.causality import report as causality_report
 from lm_moe.layers import TopKMoE
 from lm_moe.lit.language_model import SamplingSettings
 
@@ -232,6 +233,16 @@ def test_sample_refuses_what_is_not_a_checkpoint(tmp_path, bad_file):
     (tmp_path / "config.yaml").write_text("model: {}\n")
     with pytest.raises((FileNotFoundError, ValueError), match=bad_file):
         sample.sample(str(tmp_path / bad_file))
+
+
+def test_the_language_model_commands_refuse_an_image_classifier_s_checkpoint(tmp_path):
+    checkpoint = tmp_path / "vit.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"num_classes": 10, "image_size": 28}}, checkpoint)
+    message = r"vit.ckpt' is the checkpoint of an image classifier \(task: vit\); this needs the checkpoint of a language model"
+    with pytest.raises(ValueError, match=message):
+        sample.sample(str(checkpoint))
+    with pytest.raises(ValueError, match=message):
+        causality_report.main(["--ckpt_path", str(checkpoint)])
 
 
 @pytest.mark.parametrize(
