@@ -3,6 +3,7 @@
 import random
 
 import pytest
+import tiktoken
 
 from lm_moe.data.tokenizer import available_encodings, load_encoding
 
@@ -67,3 +68,12 @@ def test_unknown_encoding_lists_available_names():
     with pytest.raises(ValueError, match=r"'no_such_bpe'.*cl100k_base.*gpt2"):
         load_encoding("no_such_bpe")
     assert "cl100k_base" in available_encodings()
+
+
+def test_an_encoding_that_cannot_be_downloaded_says_what_works_offline(monkeypatch):
+    def offline(name):  # what tiktoken raises without network: requests' errors are OSErrors
+        raise OSError(f"no network to fetch {name}")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(ConnectionError, match=r"tokenizer 'gpt2' is not bundled.*Offline, use 'cl100k_base'.*no network to fetch gpt2"):
+        load_encoding("gpt2")

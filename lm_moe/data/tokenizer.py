@@ -56,11 +56,18 @@ def available_encodings() -> list[str]:
 def load_encoding(name: str = "cl100k_base", vocab_size: int | None = None) -> Tokenizer:
     """The tiktoken encoding `name`, cut down to its first `vocab_size` ids when given.
 
-    Raises ValueError for an unknown name or a `vocab_size` out of range.
+    Raises ValueError for an unknown name or a `vocab_size` out of range, ConnectionError for an
+    encoding tiktoken must download and cannot.
     """
     if name not in available_encodings():
         raise ValueError(f"unknown tokenizer {name!r}; available: {', '.join(available_encodings())}")
-    full = tiktoken.get_encoding(_OFFLINE_ALIASES.get(name, name))
+    try:
+        full = tiktoken.get_encoding(_OFFLINE_ALIASES.get(name, name))
+    except OSError as error:  # requests' network errors are OSErrors too
+        raise ConnectionError(
+            f"tokenizer {name!r} is not bundled: tiktoken downloads its BPE file on first use (then caches it in "
+            f"TIKTOKEN_CACHE_DIR), and that failed. Offline, use 'cl100k_base', which is bundled. The failure: {error}"
+        ) from error
     if vocab_size is None:
         return Tokenizer(name, full, eot_id=full.eot_token, vocab_size=full.n_vocab)
 
