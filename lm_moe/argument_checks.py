@@ -17,8 +17,9 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _require_number(name: str, value, in_range: Callable[[float], bool], allowed: str) -> float:
-    # NaN fails every comparison, so it fails every range.
+def require_number(name: str, value, in_range: Callable[[float], bool], allowed: str) -> float:
+    """A number (not a bool) for which `in_range` holds; `allowed` says which, in the error.
+    NaN fails every comparison, so it fails every range."""
     _require(name, value, _is_number(value) and in_range(value), allowed)
     return float(value)
 
@@ -34,26 +35,26 @@ def require_non_negative_int(name: str, value) -> int:
 
 
 def require_positive_float(name: str, value) -> float:
-    return _require_number(name, value, lambda v: v > 0, "a positive number")
+    return require_number(name, value, lambda v: v > 0, "a positive number")
 
 
 def require_non_negative_float(name: str, value) -> float:
-    return _require_number(name, value, lambda v: v >= 0, "a number >= 0")
+    return require_number(name, value, lambda v: v >= 0, "a number >= 0")
 
 
 def require_fraction(name: str, value) -> float:
     """A probability or rate in [0, 1): dropout, jitter noise, label smoothing, Adam's betas."""
-    return _require_number(name, value, lambda v: 0 <= v < 1, "a number in [0, 1)")
+    return require_number(name, value, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def require_proper_fraction(name: str, value) -> float:
     """A share strictly between 0 and 1: a held-out fraction, which must leave data on both sides."""
-    return _require_number(name, value, lambda v: 0 < v < 1, "a number in (0, 1)")
+    return require_number(name, value, lambda v: 0 < v < 1, "a number in (0, 1)")
 
 
 def require_unit_interval(name: str, value) -> float:
     """A ratio from 0 to 1, both ends included."""
-    return _require_number(name, value, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+    return require_number(name, value, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 def require_choice(name: str, value, allowed: Collection) -> None:

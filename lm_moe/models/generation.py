@@ -2,7 +2,12 @@
 
 import torch
 
-from lm_moe.argument_checks import require_non_negative_float, require_non_negative_int, require_positive_int
+from lm_moe.argument_checks import (
+    require_non_negative_float,
+    require_non_negative_int,
+    require_number,
+    require_positive_int,
+)
 from lm_moe.models.gpt import GPT
 
 
@@ -11,8 +16,8 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, p
     require_non_negative_float(prefix + "temperature", temperature)
     if top_k is not None:
         require_positive_int(prefix + "top_k", top_k)
-    if top_p is not None and not (isinstance(top_p, (int, float)) and not isinstance(top_p, bool) and 0 < top_p <= 1):
-        raise ValueError(f"{prefix}top_p must be a number in (0, 1] or None, got {top_p!r}")
+    if top_p is not None:
+        require_number(prefix + "top_p", top_p, lambda p: 0 < p <= 1, "a number in (0, 1] or None")
 
 
 def sample_next(
