@@ -67,7 +67,7 @@ class CheckpointOnInterrupt(pl.Callback):
         if checkpoint is None or checkpoint.dirpath is None or trainer.sanity_checking:
             return
         path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
-        if path.is_symlink():
-            path.unlink()  # with save_last="link" it points at a top-k checkpoint, which must stay as it is
+        # With save_last="link", last.ckpt links to a top-k checkpoint; Lightning writes to a temporary
+        # file and renames it over the link, so that checkpoint stays as it is.
         trainer.save_checkpoint(path, weights_only=False)  # the optimizer too: a resume continues it
         rank_zero_info(f"Stopped at step {trainer.global_step}: wrote {path}; `--ckpt_path last` resumes from there")
