@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lm_moe import cli, sample
 from lm_moe.causality import report as causality_report
 from lm_moe.layers import TopKMoE
+from lm_moe.lit.interruption import CheckpointOnInterrupt
 from lm_moe.lit.language_model import SamplingSettings
 
 from .tiny_runs import tiny_run_args
@@ -138,6 +139,31 @@ def test_an_interrupted_run_writes_last_ckpt_at_the_step_it_reached_and_resumes_
     resumed = fit(REPO / "configs/lm/top2.yaml", tmp_path / "cache", no_validation, "--ckpt_path=last", steps=5)
     assert resumed.trainer.global_step == 5
     assert {float(state["step"]) for state in resumed.trainer.optimizers[0].state.values()} == {5.0}
+
+
+def test_with_last_as_a_link_an_interruption_writes_its_own_last_ckpt_and_keeps_the_best(tmp_path, monkeypatch):
+    # save_last="link" makes last.ckpt a link to the best checkpoint: writing through it would overwrite the best.
+    monkeypatch.chdir(tmp_path)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            fit(REPO / "configs/lm/top2.yaml", tmp_path / "cache", "--checkpoint.save_last=link",
+                "--trainer.callbacks+=tests.lit.tiny_runs.SignalAtStep", "--trainer.callbacks.step=2",
+                f"--trainer.callbacks.signum={int(signal.SIGINT)}", steps=8)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    checkpoints = tmp_path / "runs/top2/version_0/checkpoints"
+    last = checkpoints / "last.ckpt"
+    assert last.is_file() and not last.is_symlink()
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+    assert torch.load(checkpoints / "best-2.ckpt", weights_only=False)["global_step"] == 2  # validated at step 2
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    callback = CheckpointOnInterrupt()
+    callback._on_ctrl_c(signal.SIGINT, None)  # the first asks for a stop after the step
+    with pytest.raises(KeyboardInterrupt):
+        callback._on_ctrl_c(signal.SIGINT, None)
 
 
 def test_ckpt_path_last_without_a_run_says_so(tmp_path, monkeypatch):
