@@ -7,6 +7,12 @@ from lm_moe.layers import cumulative_soft_moe as cumulative_module
 from lm_moe.layers.cumulative_soft_moe import CumulativeSoftMoE
 
 from . import reference_causal_soft_moe as reference
+from .layer_checks import (
+    assert_ignores_batch_mates,
+    assert_matches_reference,
+    assert_padding_left_out,
+    decode_in_pieces,
+)
 from .mixed_precision import check_bf16_training_step, record_dtypes
 
 DIM = 8
@@ -18,18 +24,6 @@ def make_layer(**kwargs) -> CumulativeSoftMoE:
     with torch.no_grad():
         layer.scale.fill_(2.5)  # away from its init, so a forgotten scale shows
     return layer
-
-
-def decode_in_pieces(layer, x: torch.Tensor, pieces: list[int]):
-    """Decode x [B, T, D] in pieces of the given lengths, then one token at a time."""
-    outputs, states, state, start = [], [], None, 0
-    with torch.inference_mode():
-        for length in pieces + [1] * (x.shape[1] - sum(pieces)):
-            y, state = layer.decode(x[:, start : start + length], state)
-            outputs.append(y)
-            states.append(state)
-            start += length
-    return torch.cat(outputs, dim=1), states
 
 
 def test_is_declared_causal():
@@ -46,15 +40,9 @@ def test_output_and_gradients_match_the_loop_reference(decay, activation, num_ex
     layer = make_layer(num_experts=num_experts, slots_per_expert=slots_per_expert, activation=activation, decay=decay)
     x = torch.randn(2, T, DIM, dtype=torch.float64, requires_grad=True)
     y, aux = layer(x)
-    expected = reference.cumulative_soft_moe(layer, x)
-    torch.testing.assert_close(y, expected, rtol=0, atol=1e-10)
     assert aux.loss.item() == 0
-
     params = [x, layer.experts.w_in, layer.experts.w_out, layer.slot_embeddings, layer.scale]
-    grads = torch.autograd.grad((y * torch.sin(y)).sum(), params)
-    ref_grads = torch.autograd.grad((expected * torch.sin(expected)).sum(), params)
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    assert_matches_reference(y, reference.cumulative_soft_moe(layer, x), params, atol=1e-10)
 
 
 @pytest.mark.parametrize("decay", [None, 0.7])
@@ -97,28 +85,11 @@ def test_jacobian_has_no_entries_above_the_diagonal():
 
 
 def test_padding_mask_keeps_padding_out_of_every_slot():
-    layer = make_layer(decay=0.9)
-    x = torch.randn(3, 40, DIM, dtype=torch.float64)
-    mask = torch.ones(3, 40, dtype=torch.bool)
-    mask[0, 25:] = False
-    mask[2, :] = False  # a fully padded row must not produce NaN
-    y, aux = layer(x, mask)
-    short, _ = layer(x[:1, :25])
-    unmasked, _ = layer(x)
-    torch.testing.assert_close(y[:1, :25], short, rtol=0, atol=1e-12)
-    torch.testing.assert_close(y[:2][mask[:2]], unmasked[:2][mask[:2]], rtol=0, atol=1e-12)
-    assert y[~mask].abs().max() == 0
-    assert all(torch.isfinite(value).all() for value in aux.stats.values())
+    assert_padding_left_out(make_layer(decay=0.9), torch.randn(3, 40, DIM, dtype=torch.float64), valid_length=25)
 
 
 def test_independent_of_other_rows_of_the_batch():
-    layer = make_layer()
-    x = torch.randn(4, 20, DIM, dtype=torch.float64)
-    alone, _ = layer(x[1:2])
-    in_batch, _ = layer(x)
-    other_mates, _ = layer(torch.cat([10 * torch.randn(1, 20, DIM, dtype=torch.float64), x[1:2]]))
-    torch.testing.assert_close(in_batch[1:2], alone, rtol=0, atol=1e-13)
-    torch.testing.assert_close(other_mates[1:2], alone, rtol=0, atol=1e-13)
+    assert_ignores_batch_mates(make_layer(), torch.randn(4, 20, DIM, dtype=torch.float64))
 
 
 def test_decay_is_stable_on_sequences_where_its_closed_form_overflows():

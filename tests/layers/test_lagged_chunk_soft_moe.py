@@ -7,6 +7,12 @@ from lm_moe.layers import lagged_chunk_soft_moe as lagged_module
 from lm_moe.layers.lagged_chunk_soft_moe import LaggedChunkSoftMoE
 
 from . import reference_causal_soft_moe as reference
+from .layer_checks import (
+    assert_ignores_batch_mates,
+    assert_matches_reference,
+    assert_padding_left_out,
+    decode_in_pieces,
+)
 from .mixed_precision import check_bf16_training_step, record_dtypes
 
 DIM = 8
@@ -29,17 +35,6 @@ def without_shared_expert(layer: LaggedChunkSoftMoE) -> LaggedChunkSoftMoE:
     return layer
 
 
-def decode_in_pieces(layer, x: torch.Tensor, pieces: list[int]):
-    """Decode x [B, T, D] in pieces of the given lengths, then one token at a time."""
-    outputs, state, start = [], None, 0
-    with torch.inference_mode():
-        for length in pieces + [1] * (x.shape[1] - sum(pieces)):
-            y, state = layer.decode(x[:, start : start + length], state)
-            outputs.append(y)
-            start += length
-    return torch.cat(outputs, dim=1), state
-
-
 def test_is_declared_causal():
     assert LaggedChunkSoftMoE.is_causal is True
 
@@ -57,17 +52,11 @@ def test_output_and_gradients_match_the_loop_reference(summary, activation, num_
     )
     x = torch.randn(2, T, DIM, dtype=torch.float64, requires_grad=True)
     y, aux = layer(x)
-    expected = reference.lagged_chunk_soft_moe(layer, x)
-    torch.testing.assert_close(y, expected, rtol=0, atol=1e-10)
     assert aux.loss.item() == 0
-
+    # With T <= C the reference never calls the experts; the layer must give them zero gradients.
     params = [x, layer.experts.w_in, layer.experts.w_out, layer.shared.w_in, layer.shared.w_out]
     params += [layer.slot_embeddings, layer.scale, layer.null_outputs]
-    grads = torch.autograd.grad((y * torch.sin(y)).sum(), params)
-    # With T <= C the reference never calls the experts; the layer gives them zero gradients.
-    ref_grads = torch.autograd.grad((expected * torch.sin(expected)).sum(), params, allow_unused=True)
-    for got, want, param in zip(grads, ref_grads, params):
-        torch.testing.assert_close(got, torch.zeros_like(param) if want is None else want, rtol=0, atol=1e-10)
+    assert_matches_reference(y, reference.lagged_chunk_soft_moe(layer, x), params, atol=1e-10)
 
 
 @pytest.mark.parametrize("summary", ["prefix", "previous"])
@@ -77,8 +66,9 @@ def test_decoding_in_any_pieces_reproduces_forward(summary, pieces):
     layer = make_layer(summary=summary)
     x = torch.randn(2, 19, DIM, dtype=torch.float64)
     expected, _ = layer(x)
-    decoded, state = decode_in_pieces(layer, x, pieces)
+    decoded, states = decode_in_pieces(layer, x, pieces)
     torch.testing.assert_close(decoded, expected, rtol=0, atol=1e-10)
+    state = states[-1]
     assert state.length == 19
     assert state.num.shape == (2, layer.num_slots, DIM) and state.lagged_outputs.shape == (2, layer.num_slots, DIM)
 
@@ -151,28 +141,12 @@ def test_experts_run_once_per_chunk_and_slot():
 
 
 def test_padding_mask_keeps_padding_out_of_every_slot():
-    layer = make_layer()
-    x = torch.randn(3, 14, DIM, dtype=torch.float64)
-    mask = torch.ones(3, 14, dtype=torch.bool)
-    mask[0, 9:] = False  # padding starts inside chunk 2
-    mask[2, :] = False  # a fully padded row must not produce NaN
-    y, aux = layer(x, mask)
-    short, _ = layer(x[:1, :9])
-    unmasked, _ = layer(x)
-    torch.testing.assert_close(y[:1, :9], short, rtol=0, atol=1e-12)
-    torch.testing.assert_close(y[:2][mask[:2]], unmasked[:2][mask[:2]], rtol=0, atol=1e-12)
-    assert y[~mask].abs().max() == 0
-    assert all(torch.isfinite(value).all() for value in aux.stats.values())
+    # Padding from position 9 on starts inside chunk 2.
+    assert_padding_left_out(make_layer(), torch.randn(3, 14, DIM, dtype=torch.float64), valid_length=9)
 
 
 def test_independent_of_other_rows_of_the_batch():
-    layer = make_layer()
-    x = torch.randn(4, 13, DIM, dtype=torch.float64)
-    alone, _ = layer(x[1:2])
-    in_batch, _ = layer(x)
-    other_mates, _ = layer(torch.cat([10 * torch.randn(1, 13, DIM, dtype=torch.float64), x[1:2]]))
-    torch.testing.assert_close(in_batch[1:2], alone, rtol=0, atol=1e-13)
-    torch.testing.assert_close(other_mates[1:2], alone, rtol=0, atol=1e-13)
+    assert_ignores_batch_mates(make_layer(), torch.randn(4, 13, DIM, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("summary, chunk_entropies", [("prefix", [C, 2 * C]), ("previous", [C, C])])

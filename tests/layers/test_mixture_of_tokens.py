@@ -7,6 +7,7 @@ from lm_moe.layers import mixture_of_tokens as mot_module
 from lm_moe.layers.mixture_of_tokens import MixtureOfTokens
 
 from . import reference_tokens_segments as reference
+from .layer_checks import assert_matches_reference, decode_in_pieces
 from .mixed_precision import check_bf16_training_step, record_dtypes
 
 
@@ -34,15 +35,9 @@ def test_output_and_gradients_match_the_loop_reference(activation, num_experts, 
     )
     x = randn(2 * group_size, 5, 8).requires_grad_()
     y, aux = layer(x)
-    expected = reference.mixture_of_tokens(layer, x)
-    torch.testing.assert_close(y, expected, rtol=0, atol=1e-10)
     assert aux.loss.item() == 0
-
     params = [x, layer.experts.w_in, layer.experts.w_out, layer.slot_embeddings, layer.scale]
-    grads = torch.autograd.grad((y * torch.sin(y)).sum(), params)
-    ref_grads = torch.autograd.grad((expected * torch.sin(expected)).sum(), params)
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    assert_matches_reference(y, reference.mixture_of_tokens(layer, x), params, atol=1e-10)
 
 
 def test_equivariant_to_permuting_the_rows_of_a_group():
@@ -59,13 +54,8 @@ def test_decoding_in_pieces_equals_the_full_forward(pieces):
     layer = make_mot(group_size=2)
     x = randn(4, 9, 8)
     full, _ = layer(x)
-    state, outputs, start = None, [], 0
-    with torch.inference_mode():
-        for length in pieces:
-            y, state = layer.decode(x[:, start : start + length], state)
-            outputs.append(y)
-            start += length
-    torch.testing.assert_close(torch.cat(outputs, dim=1), full, rtol=0, atol=1e-10)
+    decoded, _ = decode_in_pieces(layer, x, pieces)
+    torch.testing.assert_close(decoded, full, rtol=0, atol=1e-10)
 
 
 def test_batch_must_be_a_multiple_of_the_group_size():

@@ -6,6 +6,7 @@ import torch
 from lm_moe.layers.segment_merged_moe import SegmentMergedMoE
 
 from . import reference_tokens_segments as reference
+from .layer_checks import assert_ignores_batch_mates, assert_matches_reference, decode_in_pieces
 from .reference import expert_mlp
 from .mixed_precision import check_bf16_training_step, record_dtypes
 
@@ -41,15 +42,9 @@ def test_output_and_gradients_match_the_loop_reference(first_segment, activation
     layer = make_smm(first_segment=first_segment, activation=activation, segment_size=segment_size)
     x = randn(2, length, 8).requires_grad_()
     y, aux = layer(x)
-    expected = reference.segment_merged_moe(layer, x)
-    torch.testing.assert_close(y, expected, rtol=0, atol=1e-10)
     assert aux.loss.item() == 0
-
     params = [x, *layer.parameters()]  # the router is unused (gradient 0) when there is one segment
-    grads = torch.autograd.grad((y * torch.sin(y)).sum(), params, materialize_grads=True)
-    ref_grads = torch.autograd.grad((expected * torch.sin(expected)).sum(), params, materialize_grads=True)
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    assert_matches_reference(y, reference.segment_merged_moe(layer, x), params, atol=1e-10)
 
 
 def test_a_one_hot_routing_runs_that_expert():
@@ -66,14 +61,9 @@ def test_decoding_in_pieces_equals_the_full_forward(pieces):
     layer = make_smm(segment_size=4)
     x = randn(3, 13, 8)
     full, _ = layer(x)
-    state, outputs, start = None, [], 0
-    with torch.inference_mode():
-        for length in pieces:
-            y, state = layer.decode(x[:, start : start + length], state)
-            outputs.append(y)
-            start += length
-    torch.testing.assert_close(torch.cat(outputs, dim=1), full, rtol=0, atol=1e-10)
-    assert state.position == 13
+    decoded, states = decode_in_pieces(layer, x, pieces)
+    torch.testing.assert_close(decoded, full, rtol=0, atol=1e-10)
+    assert states[-1].position == 13
 
 
 def test_prefix_consistent():
@@ -109,11 +99,7 @@ def test_self_routed_first_segment_is_caught_leaking(t):
 
 
 def test_batch_mates_do_not_matter():
-    layer = make_smm(segment_size=3)
-    x = randn(4, 10, 8)
-    alone, _ = layer(x[:1])
-    with_others, _ = layer(torch.cat([x[:1], 10 * randn(3, 10, 8)]))
-    torch.testing.assert_close(with_others[:1], alone, rtol=0, atol=1e-13)
+    assert_ignores_batch_mates(make_smm(segment_size=3), randn(4, 10, 8))
 
 
 @pytest.mark.parametrize("first_segment", ["prior", "self"])

@@ -7,6 +7,7 @@ from lm_moe.layers import soft_moe as soft_moe_module
 from lm_moe.layers.routing import entropy
 
 from . import reference
+from .layer_checks import assert_ignores_batch_mates, assert_matches_reference, assert_padding_left_out
 from .mixed_precision import check_bf16_training_step, record_dtypes
 
 
@@ -24,15 +25,9 @@ def test_output_and_gradients_match_algorithm_1(activation, num_experts, slots_p
     layer = make_soft_moe(num_experts=num_experts, slots_per_expert=slots_per_expert, activation=activation)
     x = torch.randn(2, 7, 8, dtype=torch.float64, requires_grad=True)
     y, aux = layer(x)
-    expected = reference.soft_moe(layer, x)
-    torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
     assert aux.loss.item() == 0
-
     params = [x, layer.experts.w_in, layer.experts.w_out, layer.slot_embeddings, layer.scale]
-    grads = torch.autograd.grad((y * torch.sin(y)).sum(), params)
-    ref_grads = torch.autograd.grad((expected * torch.sin(expected)).sum(), params)
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert_matches_reference(y, reference.soft_moe(layer, x), params, atol=1e-12)
 
 
 def test_dispatches_unnormalised_inputs():
@@ -62,11 +57,7 @@ def test_equivariant_to_permuting_the_tokens_of_a_sequence():
 
 
 def test_independent_of_other_rows_of_the_batch():
-    layer = make_soft_moe()
-    x = torch.randn(3, 6, 8, dtype=torch.float64)
-    alone, _ = layer(x[1:2])
-    in_batch, _ = layer(x)
-    torch.testing.assert_close(in_batch[1:2], alone, rtol=0, atol=1e-13)
+    assert_ignores_batch_mates(make_soft_moe(), torch.randn(3, 6, 8, dtype=torch.float64))
 
 
 def test_sees_the_future_which_is_why_decoders_need_the_causal_variants():
@@ -78,16 +69,7 @@ def test_sees_the_future_which_is_why_decoders_need_the_causal_variants():
 
 
 def test_padding_mask_keeps_padding_out_of_every_slot():
-    layer = make_soft_moe()
-    x = torch.randn(2, 7, 8, dtype=torch.float64)
-    mask = torch.ones(2, 7, dtype=torch.bool)
-    mask[0, 4:] = False
-    mask[1, :] = False  # a fully padded row must not produce NaN
-    y, aux = layer(x, mask)
-    short, _ = layer(x[:1, :4])
-    torch.testing.assert_close(y[:1, :4], short, rtol=0, atol=1e-12)
-    assert y[0, 4:].abs().max() == 0 and y[1].abs().max() == 0
-    assert all(torch.isfinite(value).all() for value in aux.stats.values())
+    assert_padding_left_out(make_soft_moe(), torch.randn(2, 7, 8, dtype=torch.float64), valid_length=4)
 
 
 def test_stats_describe_the_routing():

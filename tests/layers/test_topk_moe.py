@@ -17,6 +17,7 @@ from lm_moe.layers.routing import (
 )
 
 from . import reference
+from .layer_checks import assert_ignores_batch_mates, assert_matches_reference, decode_in_pieces
 from .mixed_precision import check_bf16_training_step
 
 
@@ -30,25 +31,13 @@ def make_moe(**kwargs) -> TopKMoE:
 def test_dropless_output_and_gradients_match_reference(activation, top_k, renormalize):
     moe = make_moe(top_k=top_k, renormalize=renormalize, activation=activation)
     x = torch.randn(3, 7, 8, dtype=torch.float64, requires_grad=True)
-    y, aux = moe(x)
-    expected = reference.topk_moe(moe, x)
-    torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
-
+    y, _ = moe(x)
     params = [x, moe.experts.w_in, moe.experts.w_out, moe.router.weight]
-    grads = torch.autograd.grad((y * torch.cos(y)).sum(), params)
-    ref_grads = torch.autograd.grad((expected * torch.cos(expected)).sum(), params)
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert_matches_reference(y, reference.topk_moe(moe, x), params, atol=1e-12)
 
 
 def test_dropless_output_does_not_depend_on_batch_mates():
-    moe = make_moe()
-    x = torch.randn(4, 9, 8, dtype=torch.float64)
-    alone, _ = moe(x[:1])
-    in_batch, _ = moe(x)
-    other_mates, _ = moe(torch.cat([x[:1], 10 * torch.randn(5, 9, 8, dtype=torch.float64)]))
-    torch.testing.assert_close(in_batch[:1], alone, rtol=0, atol=1e-13)
-    torch.testing.assert_close(other_mates[:1], alone, rtol=0, atol=1e-13)
+    assert_ignores_batch_mates(make_moe(), torch.randn(4, 9, 8, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("capacity_factor", [0.25, 0.5, 1.0, 1.25])
@@ -218,13 +207,9 @@ def test_decoding_in_pieces_equals_the_full_forward(capacity_factor, pieces):
     moe = make_moe(capacity_factor=capacity_factor)
     x = torch.randn(2, 11, 8, dtype=torch.float64)
     full, _ = moe(x)
-    state, outputs, start = None, [], 0
-    for length in pieces:
-        y, state = moe.decode(x[:, start : start + length], state)
-        outputs.append(y)
-        start += length
-    torch.testing.assert_close(torch.cat(outputs, dim=1), full, rtol=0, atol=1e-13)
-    assert (state is None) == (capacity_factor is None)
+    decoded, states = decode_in_pieces(moe, x, pieces)
+    torch.testing.assert_close(decoded, full, rtol=0, atol=1e-13)
+    assert (states[-1] is None) == (capacity_factor is None)
 
 
 def test_gshard_capacity_is_flagged_and_lets_the_future_evict_the_past():
