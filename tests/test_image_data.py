@@ -198,3 +198,50 @@ def test_too_few_training_images_for_one_batch_is_refused(tmp_path):
     module = folder_module(tmp_path, make_image_folder(tmp_path / "images"), batch_size=64, image_size=8)
     with pytest.raises(ValueError, match="fewer than batch_size=64"):
         module.setup("fit")
+
+
+def test_sixteen_bit_grayscale_is_rescaled_not_clipped(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("dark", "bright"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+    values = {}
+    for i in range(4):
+        for name, offset in (("dark", 0), ("bright", 30000)):
+            pixels = (rng.integers(0, 30000, (8, 8)) + offset).astype(np.uint16)
+            Image.fromarray(pixels).save(tmp_path / "images" / name / f"{i}.png")
+            values[(name, i)] = pixels
+    module = folder_module(tmp_path, tmp_path / "images", image_size=8, val_fraction=0.25)
+    assert module.channels == 1
+    module.setup("fit")
+    pixels = torch.cat([module.train_set.pixels, module.val_set.pixels]).double()  # [8, 1, 8, 8]
+    expected = torch.from_numpy(np.stack(list(values.values()))).double() / 257
+    # The same multiset of 8-bit values as the 16-bit ones divided by 257 (the split reorders images).
+    torch.testing.assert_close(pixels.flatten().sort().values, expected.round().flatten().sort().values, rtol=0, atol=0)
+
+
+def test_float_images_are_refused_by_mode(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((6, 6), 0.5, dtype=np.float32)).save(tmp_path / "images" / name / f"{i}.tiff")
+    module = folder_module(tmp_path, tmp_path / "images", image_size=6, val_fraction=0.25)
+    with pytest.raises(ValueError, match="float images .*mode 'F'"):
+        module.setup("fit")
+
+
+@pytest.mark.parametrize("first_mode, other_mode, kind", [("L", "RGB", "colour"), ("RGB", "L", "grayscale")])
+def test_an_image_of_the_other_kind_is_refused_unless_conversion_is_asked_for(tmp_path, first_mode, other_mode, kind):
+    data_dir = make_image_folder(tmp_path / "images", mode=first_mode)
+    Image.new(other_mode, (9, 9)).save(data_dir / "owl" / "odd.png")
+    with pytest.raises(ValueError, match=f"split of data_dir=.* is {kind} \\(PIL mode '{other_mode}'\\).*convert_channels"):
+        folder_module(tmp_path, data_dir, image_size=8).setup("fit")
+    converted = folder_module(tmp_path, data_dir, image_size=8, convert_channels=True)
+    converted.setup("fit")
+    assert converted.train_set.pixels.shape[1] == (1 if first_mode == "L" else 3)
+
+
+def test_imagefolder_without_a_folder_is_refused(tmp_path, monkeypatch):
+    make_image_folder(tmp_path / "stray")  # what the builder would pick up from the working directory
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="dataset 'imagefolder' reads a local folder: set data.data_dir"):
+        ImageDataModule(dataset="imagefolder", cache_dir=str(tmp_path / "cache"))

@@ -41,7 +41,10 @@ from lm_moe.data.loaders import evaluation_loader, training_loader
 MNIST_5K = "mnist-5k"
 
 # PIL modes with one colour band (alpha aside); everything else is treated as colour.
-_GRAYSCALE_MODES = {"1", "L", "LA", "La", "I", "I;16", "F"}
+_GRAYSCALE_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+# Grayscale modes deeper than 8 bits: PIL's own conversion to "L" clips them at 255 instead of
+# rescaling. 16-bit PNGs open as "I;16" (or "I" in older Pillow), so both are read as 16-bit.
+_SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 _PIL_MODE = {1: "L", 3: "RGB"}
 _MNIST_SIDE = 28
 
@@ -79,9 +82,23 @@ def image_channels(image: Image.Image) -> int:
     return 1 if image.mode in _GRAYSCALE_MODES else 3
 
 
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image rescaled to 8 bits ("L"); other images as they are.
+
+    Float images ("F") have no fixed range to rescale from, so they are refused.
+    """
+    if image.mode == "F":
+        raise ValueError("float images (PIL mode 'F') have no fixed range of values to map to 8 bits; "
+                         "save them as 8- or 16-bit images")
+    if image.mode not in _SIXTEEN_BIT_MODES:
+        return image
+    values = np.asarray(image).astype(np.float64)  # [H, W], 0 .. 65535
+    return Image.fromarray(np.clip(np.round(values / 257), 0, 255).astype(np.uint8))  # 65535 -> 255
+
+
 def to_pixels(image: Image.Image, size: int, channels: int) -> np.ndarray:
     """A PIL image -> uint8 [C, size, size]: grayscale or RGB, resized so the shorter side fits, centre-cropped."""
-    image = image.convert(_PIL_MODE[channels])
+    image = to_8_bit(image).convert(_PIL_MODE[channels])
     if image.size != (size, size):
         image = ImageOps.fit(image, (size, size), method=Image.Resampling.BILINEAR)
     return np.asarray(image, dtype=np.uint8).reshape(size, size, channels).transpose(2, 0, 1)  # [C, S, S]
@@ -151,9 +168,10 @@ class ImageDataModule(pl.LightningDataModule):
         label_column: column holding the labels; None = "label", else the only `ClassLabel` column.
         image_size: side S the images are resized (shorter side) and centre-cropped to; None = the
             shorter side of the first training image.
-        channels: 1 (grayscale) or 3 (RGB); None = as the data. A value that differs from the data's
-            is an error unless `convert_channels` is true.
-        convert_channels: allow converting grayscale data to RGB (replicated) or RGB to grayscale.
+        channels: 1 (grayscale) or 3 (RGB); None = as the first training image. A value that
+            differs from the data's, or an image of the other kind among the data, is an error
+            unless `convert_channels` is true. 16-bit grayscale images are rescaled to 8 bits.
+        convert_channels: allow converting grayscale images to RGB (replicated) or RGB to grayscale.
         val_split: split to validate on; None = "validation" if the data set has one, else a seeded
             `val_fraction` of the training images.
         val_fraction: fraction of the training images held out when there is no validation split.
@@ -212,6 +230,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.cache_dir = cache_dir
+        self.convert_channels = convert_channels
 
         # Loaded now (lazily decoded, cached by `datasets`): the classes, channels and size must be
         # known before the model is built.
@@ -241,6 +260,8 @@ class ImageDataModule(pl.LightningDataModule):
         if self.dataset == MNIST_5K and self.data_dir is None:
             return load_mnist_5k(self.cache_dir)
         name = "imagefolder" if self.dataset == MNIST_5K else self.dataset
+        if name == "imagefolder" and self.data_dir is None:  # the builder would read the working directory
+            raise ValueError("dataset 'imagefolder' reads a local folder: set data.data_dir to it")
         if self.data_dir is not None and name == "imagefolder" and not os.path.isdir(self.data_dir):
             raise FileNotFoundError(f"data_dir {self.data_dir!r} is not a folder")
         try:
@@ -316,8 +337,9 @@ class ImageDataModule(pl.LightningDataModule):
 
     # ---- decoding and splitting ----
 
-    def _decode(self, split: datasets.Dataset) -> tuple[Tensor, Tensor]:
+    def _decode(self, split_name: str) -> tuple[Tensor, Tensor]:
         """A split -> uint8 images [N, C, S, S] and class indices [N] int64."""
+        split = self.splits[split_name]
         S, C = self.image_size, self.channels
         pixels = np.empty((len(split), C, S, S), dtype=np.uint8)
         labels = np.empty(len(split), dtype=np.int64)
@@ -325,16 +347,28 @@ class ImageDataModule(pl.LightningDataModule):
         for batch in split.select_columns([self.image_column, self.label_column]).iter(batch_size=512):
             images, values = batch[self.image_column], batch[self.label_column]
             for i, image in enumerate(images):
+                self._check_channels(image, split_name, start + i)
                 pixels[start + i] = to_pixels(image, S, C)
             labels[start : start + len(values)] = values if self._label_index is None else [self._label_index[v] for v in values]
             start += len(values)
         return torch.from_numpy(pixels), torch.from_numpy(labels)
 
+    def _check_channels(self, image: Image.Image, split_name: str, index: int) -> None:
+        """Without convert_channels, an image of the other kind than the data's is an error."""
+        if not self.convert_channels and image_channels(image) != self.channels:
+            kinds = {1: "grayscale", 3: "colour"}
+            raise ValueError(
+                f"image {index} of the {split_name!r} split of {self._source()} is {kinds[image_channels(image)]} "
+                f"(PIL mode {image.mode!r}), but the data is {kinds[self.channels]} ({self.channels} channel(s), "
+                "from its first training image); set data.convert_channels: true to convert every image to "
+                "data.channels (default: those of the first training image)"
+            )
+
     def _train_and_val(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-        train = self._decode(self.splits["train"])
+        train = self._decode("train")
         val_name = self.val_split or ("validation" if "validation" in self.splits else None)
         if val_name is not None:
-            return train, self._decode(self.splits[val_name])
+            return train, self._decode(val_name)
         n = len(train[1])
         n_val = min(max(1, round(self.val_fraction * n)), n - 1)
         order = torch.from_numpy(np.random.default_rng(self.seed).permutation(n))  # [n]
@@ -365,7 +399,7 @@ class ImageDataModule(pl.LightningDataModule):
             )
         if stage in ("test", None) and self.test_set is None:
             if "test" in self.splits and self.val_split != "test":
-                self.test_set = ImageTensors(*self._decode(self.splits["test"]), self.mean, self.std)
+                self.test_set = ImageTensors(*self._decode("test"), self.mean, self.std)
             else:
                 self.test_set = self.val_set
 
