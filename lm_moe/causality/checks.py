@@ -38,7 +38,7 @@ class CheckResult:
 
 @dataclass
 class CheckSettings:
-    length: int = 0  # 0 = chosen from the subject: three chunks and a bit, at least 64
+    length: int = 0  # 0 = chosen from the subject: three chunks and a bit, at least 64; else >= 2
     seeds: tuple[int, ...] = (0, 1, 2)
     tolerance: float = 1e-10
     rows: int = 2  # sequences per batch (times the subject's group size)
@@ -84,9 +84,17 @@ class Checker:
         self.subject = subject
         self.settings = settings or CheckSettings()
         boundaries = subject.boundaries
-        length = self.settings.length or max(64, 3 * max(boundaries, default=0) + 3)
+        requested = self.settings.length
+        if requested == 1 or requested < 0:
+            raise ValueError(f"length must be 0 (chosen from the subject) or at least 2, got {requested}: "
+                             "a check needs a position with a future")
+        if requested and subject.max_length is not None and requested > subject.max_length:
+            raise ValueError(f"length {requested} is longer than the model's context (block_size={subject.max_length})")
+        length = requested or max(64, 3 * max(boundaries, default=0) + 3)
         if subject.max_length is not None:
             length = min(length, subject.max_length)
+        if length < 2:
+            raise ValueError(f"the checks need sequences of at least 2 tokens; the model's context is {length}")
         self.length = length
         self.batch = self.settings.rows * subject.batch_multiple
         self.probes = probe_positions(length, boundaries)

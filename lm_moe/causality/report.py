@@ -63,7 +63,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("-c", "--config", action="append", default=[], help="LM config(s), as for `python -m lm_moe fit`")
     parser.add_argument("--ckpt_path", default=None, help="checkpoint to check (its own architecture unless -c is given)")
-    parser.add_argument("--length", type=int, default=0, help="sequence length (0 = three chunks and a bit, at most block_size)")
+    parser.add_argument(
+        "--length", type=int, default=0, help="sequence length, at least 2 (0 = three chunks and a bit, at most block_size)"
+    )
     parser.add_argument("--seeds", type=int, default=3, help="random inputs per check")
     parser.add_argument("--tolerance", type=float, default=1e-10, help="largest difference a causal model may show (float64)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
@@ -72,8 +74,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         parser.error("give a config (-c) or a checkpoint (--ckpt_path)")
     if overrides and not args.config:
         parser.error(f"config overrides {overrides} need a config (-c)")
-    if args.seeds <= 0 or args.length < 0:
-        parser.error(f"--seeds must be positive and --length >= 0, got {args.seeds} and {args.length}")
+    if args.seeds <= 0:
+        parser.error(f"--seeds must be positive, got {args.seeds}")
+    if args.length < 0 or args.length == 1:
+        parser.error(f"--length must be 0 (chosen from the model) or at least 2, got {args.length}")
     return args, overrides
 
 
@@ -85,11 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     checker = Checker(ModelSubject(model), settings)
     with console.status("running the leakage checks") as status:
         results = checker.results(on_result=lambda result: status.update(f"done: {result.check} ({result.mode})"))
-    source = " + ".join(args.config + ([args.ckpt_path] if args.ckpt_path else []))
+    source = " + ".join(args.config + overrides + ([args.ckpt_path] if args.ckpt_path else []))
     print_table(f"causality of {source} (float64, T={checker.length}, batch {checker.batch})", results, console)
     leaks = [result for result in results if result.leaks]
     console.print(f"[bold red]LEAK in {len(leaks)} check(s)[/]" if leaks else "[green]no leak found[/]")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([asdict(result) for result in results], indent=2))
+        # JSON has no NaN: a difference that was not measured is null.
+        rows = [{**asdict(result), "max_diff": None if math.isnan(result.max_diff) else result.max_diff} for result in results]
+        args.json.write_text(json.dumps(rows, indent=2, allow_nan=False))
     return 1 if leaks else 0

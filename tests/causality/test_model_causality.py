@@ -1,12 +1,13 @@
 """The leakage suite on the model of every config under configs/lm/, and with known-leaky FFNs."""
 
+import json
 from functools import partial
 from pathlib import Path
 
 import pytest
 
 from lm_moe import cli
-from lm_moe.causality import Checker, ModelSubject
+from lm_moe.causality import Checker, CheckSettings, ModelSubject
 from lm_moe.causality.report import main as causality_report
 from lm_moe.layers import SoftMoE
 from lm_moe.models import GPT
@@ -47,5 +48,22 @@ def test_report_command_prints_a_table_and_exits_by_verdict(tmp_path, capsys):
     assert "future perturbation" in printed and "LEAK" in printed
     out = tmp_path / "report.json"
     assert causality_report(["-c", str(REPO / "configs/lm/top2.yaml"), *TINY, f"--json={out}"]) == 0
-    assert "no leak found" in capsys.readouterr().out
-    assert out.is_file()
+    printed = capsys.readouterr().out
+    assert "no leak found" in printed and "--model.n_layer=2" in printed  # the title names the overrides
+    rows = json.loads(out.read_text())  # strict JSON: a difference not measured is null, not NaN
+    padding = next(row for row in rows if row["check"] == "padding")
+    assert padding == {"check": "padding", "mode": "eval", "max_diff": None, "verdict": "n/a",
+                       "note": "no padding mask; right padding is the future"}
+    assert all(isinstance(row["max_diff"], float) for row in rows if row["verdict"] != "n/a")
+
+
+@pytest.mark.parametrize("length, message", [(1, "at least 2, got 1"), (300, r"longer than the model's context \(block_size=256\)")])
+def test_a_length_with_nothing_to_check_or_past_the_context_is_refused(length, message):
+    with pytest.raises(ValueError, match=message):
+        Checker(ModelSubject(tiny_model(LM_CONFIGS[0])), CheckSettings(length=length))
+
+
+def test_report_command_refuses_a_length_of_one(capsys):
+    with pytest.raises(SystemExit):
+        causality_report(["-c", str(REPO / "configs/lm/top2.yaml"), "--length=1"])
+    assert "--length must be 0 (chosen from the model) or at least 2, got 1" in capsys.readouterr().err
