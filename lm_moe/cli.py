@@ -18,7 +18,7 @@ import yaml
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 
-from lm_moe.lit.callbacks import TextPredictionWriter, Throughput
+from lm_moe.lit.callbacks import ImagePredictionWriter, TextPredictionWriter, Throughput
 from lm_moe.lit.checkpoints import read_checkpoint, require_matching_state
 from lm_moe.lit.interruption import CheckpointOnInterrupt
 
@@ -142,7 +142,12 @@ TASKS = {
     "vit": Task(
         ImageClassifierCLI,
         _image_classifier_classes,
-        lambda: [LearningRateMonitor(logging_interval="step"), Throughput("images", "labels"), CheckpointOnInterrupt()],
+        lambda: [
+            LearningRateMonitor(logging_interval="step"),
+            Throughput("images", "labels"),
+            ImagePredictionWriter(),
+            CheckpointOnInterrupt(),
+        ],
     ),
 }
 

@@ -397,7 +397,7 @@ class ImageDataModule(pl.LightningDataModule):
                 f"{self.num_classes} classes, {self.channels}x{self.image_size}x{self.image_size}, "
                 f"mean {[round(m, 4) for m in self.mean]}, std {[round(s, 4) for s in self.std]}"
             )
-        if stage in ("test", None) and self.test_set is None:
+        if stage in ("test", "predict", None) and self.test_set is None:
             if "test" in self.splits and self.val_split != "test":
                 self.test_set = ImageTensors(*self._decode("test"), self.mean, self.std)
             else:
@@ -412,4 +412,6 @@ class ImageDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """The `test` split, else the validation images."""
         return evaluation_loader(self.test_set, self.batch_size, self.num_workers)
+
+    predict_dataloader = test_dataloader  # `predict` classifies the test images
 

@@ -34,23 +34,60 @@ class Throughput(pl.Callback):
         self._start = None  # validation time is not training time
 
 
-class TextPredictionWriter(BasePredictionWriter):
-    """Decodes what `predict` generated with the data module's tokenizer, appends it to
-    `<log dir>/predictions.jsonl` (one {"prompt", "generated"} per line) and prints the first few."""
+class JsonlPredictionWriter(BasePredictionWriter):
+    """Appends what `predict` returns to `<log dir>/predictions.jsonl`, one record per line, and
+    prints the first `shown` records. Subclasses say what a batch's records are and how one reads."""
 
     def __init__(self, shown: int = 3):
         super().__init__(write_interval="batch")
         self.shown = shown
         self._printed = 0
 
+    def records(self, trainer, prediction: dict[str, torch.Tensor], indices: list[int]) -> list[dict]:
+        """The records of one batch, whose items are `indices` of the predicted dataset."""
+        raise NotImplementedError
+
+    def describe(self, record: dict) -> str:
+        raise NotImplementedError
+
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        tokenizer = trainer.datamodule.tokenizer
         path = Path(trainer.log_dir or trainer.default_root_dir) / "predictions.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as out:
-            for prompt, generated in zip(prediction["prompt_ids"].tolist(), prediction["generated_ids"].tolist()):
-                record = {"prompt": tokenizer.decode(prompt), "generated": tokenizer.decode(generated)}
+            for record in self.records(trainer, prediction, batch_indices):
                 out.write(json.dumps(record) + "\n")
                 if self._printed < self.shown:
-                    rank_zero_info(f"--- prompt ---\n{record['prompt']}\n--- generated ---\n{record['generated']}")
+                    rank_zero_info(self.describe(record))
                     self._printed += 1
+
+
+class TextPredictionWriter(JsonlPredictionWriter):
+    """Records {"prompt", "generated"}: the language model's continuations, decoded with the data
+    module's tokenizer."""
+
+    def records(self, trainer, prediction: dict[str, torch.Tensor], indices: list[int]) -> list[dict]:
+        tokenizer = trainer.datamodule.tokenizer
+        pairs = zip(prediction["prompt_ids"].tolist(), prediction["generated_ids"].tolist())
+        return [{"prompt": tokenizer.decode(prompt), "generated": tokenizer.decode(generated)} for prompt, generated in pairs]
+
+    def describe(self, record: dict) -> str:
+        return f"--- prompt ---\n{record['prompt']}\n--- generated ---\n{record['generated']}"
+
+
+class ImagePredictionWriter(JsonlPredictionWriter):
+    """Records {"index", "true", "predicted", "top_classes"}: each image's index in the predicted
+    split, its true and predicted class names, and the classifier's most probable classes with
+    their probabilities (highest first)."""
+
+    def records(self, trainer, prediction: dict[str, torch.Tensor], indices: list[int]) -> list[dict]:
+        names = trainer.datamodule.class_names
+        rows = zip(indices, prediction["labels"].tolist(), prediction["top_classes"].tolist(),
+                   prediction["top_probabilities"].tolist())
+        return [
+            {"index": index, "true": names[label], "predicted": names[classes[0]],
+             "top_classes": [[names[c], round(p, 6)] for c, p in zip(classes, probabilities)]}
+            for index, label, classes, probabilities in rows
+        ]
+
+    def describe(self, record: dict) -> str:
+        return f"image {record['index']}: predicted {record['predicted']} ({record['top_classes'][0][1]:.3f}), true {record['true']}"

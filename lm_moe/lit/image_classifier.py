@@ -25,6 +25,7 @@ class ImageClassifier(pl.LightningModule):
     train/acc_top1, val/loss (unsmoothed cross-entropy), val/acc_top1, val/acc_top5, test/* alike,
     hp_metric = val/acc_top1, the MoE stats under moe/block_<i>/, and a figure of
     `logged_images` validation images with their predicted and true classes (val/predictions).
+    `predict` classifies the test images (ImagePredictionWriter writes predictions.jsonl).
     """
 
     def __init__(
@@ -93,6 +94,12 @@ class ImageClassifier(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self._compute("test"))
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """The most probable classes of each image (up to 5) with their probabilities, and its true label."""
+        probabilities = self.model(batch["images"]).logits.float().softmax(dim=-1)  # [B, K]
+        top = probabilities.topk(min(max(TOP_K), probabilities.shape[-1]), dim=-1)  # [B, k] each
+        return {"top_classes": top.indices, "top_probabilities": top.values, "labels": batch["labels"]}
 
     def _evaluate(self, stage: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Update the stage's image-weighted mean cross-entropy (no smoothing) and accuracies; return the logits."""

@@ -1,5 +1,6 @@
 """The ViT job end to end through the Lightning CLI, at toy sizes, offline on the default data."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,25 @@ def test_test_subcommand_reports_loss_and_accuracy_of_a_checkpoint(fitted, tmp_p
     result = cli.main(["test", "-c", str(run_dir / "config.yaml"), f"--ckpt_path={run_dir}/checkpoints/last.ckpt"])
     metrics = result.trainer.callback_metrics
     assert torch.isfinite(metrics["test/loss"]) and 0 <= metrics["test/acc_top1"] <= metrics["test/acc_top5"] <= 1
+
+
+def test_predict_classifies_the_test_images_into_predictions_jsonl(fitted, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_dir = fitted["soft_moe"]
+    result = cli.main(["predict", "-c", str(run_dir / "config.yaml"), f"--ckpt_path={run_dir}/checkpoints/last.ckpt",
+                       "--trainer.limit_predict_batches=2"])
+    data, classifier = result.datamodule, result.model.eval()
+    records = [json.loads(line) for line in (Path(result.trainer.log_dir) / "predictions.jsonl").read_text().splitlines()]
+    assert [record["index"] for record in records] == list(range(2 * data.batch_size))  # the first two batches
+    images = torch.stack([data.test_set[i]["images"] for i in range(len(records))])  # [n, C, S, S]
+    with torch.no_grad():
+        probabilities = classifier(images).logits.float().softmax(dim=-1)  # [n, K]
+    for record, image_probabilities, label in zip(records, probabilities, data.test_set.labels):
+        assert record["true"] == data.class_names[label]
+        top = image_probabilities.topk(5)
+        assert [name for name, _ in record["top_classes"]] == [data.class_names[c] for c in top.indices]
+        assert [p for _, p in record["top_classes"]] == pytest.approx(top.values.tolist(), abs=1e-5)
+        assert record["predicted"] == record["top_classes"][0][0]
 
 
 def test_checkpoint_of_another_architecture_is_refused(fitted, tmp_path, monkeypatch):
