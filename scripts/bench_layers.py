@@ -75,12 +75,12 @@ def training_step(layer: nn.Module, x: torch.Tensor) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=None, help="sequences per batch (default: 8, or 2 with --quick)")
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=5, help="untimed rounds first (the allocator settles in 3-5)")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: 20, or 5 with --quick)")
-    parser.add_argument("--quick", action="store_true", help="quarter-size layers and batch 2: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="quarter-size layers (and batch 2 unless --batch): a smoke run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument(
         "--system-allocator",
@@ -101,8 +101,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if args.quick:
-        args.batch = 2
+    if args.batch is None:
+        args.batch = 2 if args.quick else 8
     if args.repeats is None:
         args.repeats = 5 if args.quick else 20
     allocator = ", ".join([] if args.system_allocator else tune_cpu_allocator()) or "system default"
@@ -156,7 +156,8 @@ def main() -> None:
     Console(width=200).print(table)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"batch": args.batch, "seq": args.seq, "dim": args.dim, "threads": torch.get_num_threads(), "allocator": allocator}
+        meta = {"batch": args.batch, "seq": args.seq, "dim": args.dim, "quick": args.quick,
+                "threads": torch.get_num_threads(), "allocator": allocator}
         args.json.write_text(json.dumps({"settings": meta, "results": results}, indent=2))
 
 

@@ -43,7 +43,7 @@ from lm_moe.cli import task_of
 from lm_moe.cpu_allocator import tune_cpu_allocator
 from lm_moe.profiling.charts import Panel, draw
 from lm_moe.profiling.inference import DTYPES, measure_decoding, measure_images, round_up, trace_decoding_step
-from lm_moe.profiling.models import build_from_config, checkpoint_name, load_checkpoint
+from lm_moe.profiling.models import build_from_config, load_checkpoint, variant_names
 from lm_moe.profiling.tables import Column, markdown_table, write_csv, write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,19 +99,21 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def variants(args: argparse.Namespace, overrides: list[str]) -> list[tuple[str, str, object]]:
-    """(name, source, loader) of every config and checkpoint, named by file (a run folder for checkpoints)."""
+    """(name, source, loader) of every config and checkpoint, named by file (a run for checkpoints;
+    see variant_names), then numbered where names still clash."""
     block_size = max(args.contexts) + args.new_tokens
     found = []
     for config in args.config:
         lm = task_of(["-c", config]) == "lm"
-        found.append((Path(config).stem, config,
-                      lambda config=config, lm=lm: build_from_config(config, overrides, block_size if lm else None)))
+        found.append((config, lambda config=config, lm=lm: build_from_config(config, overrides, block_size if lm else None)))
     for path in args.ckpt_path:
-        found.append((checkpoint_name(path), path, lambda path=path: load_checkpoint(path)))
+        found.append((path, lambda path=path: load_checkpoint(path)))
     unique, taken = [], set()
-    for name, source, loader in found:
-        # configs/vit/dense.yaml after configs/lm/dense.yaml: vit_dense; then a number
-        candidates = [name, f"{Path(source).parent.name}_{name}"] + [f"{name}-{n}" for n in range(2, len(found) + 2)]
+    for source, loader in found:
+        # configs/vit/dense.yaml after configs/lm/dense.yaml: vit_dense; runs/top2/version_1/... after
+        # runs/top2/version_0/...: top2_version_1; then a number
+        names = variant_names(source)
+        candidates = names + [f"{names[0]}-{n}" for n in range(2, len(found) + 2)]
         name = next(candidate for candidate in candidates if candidate not in taken)
         taken.add(name)
         unique.append((name, source, loader))

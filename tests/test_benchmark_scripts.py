@@ -20,8 +20,13 @@ def run_script(name: str, *args: str, cache_dir: Path) -> str:
 
 def test_bench_layers_prints_and_writes_every_comparison(tmp_path):
     out = tmp_path / "layers.json"
-    printed = run_script("bench_layers.py", "--quick", "--repeats=2", "--warmup=1", f"--json={out}", cache_dir=tmp_path)
-    results = json.loads(out.read_text())["results"]
+    printed = run_script("bench_layers.py", "--quick", "--batch=3", "--repeats=2", "--warmup=1", f"--json={out}",
+                         cache_dir=tmp_path)
+    written = json.loads(out.read_text())
+    assert {key: written["settings"][key] for key in ("batch", "seq", "dim", "quick")} == {
+        "batch": 3, "seq": 256, "dim": 256, "quick": True}
+    assert "B=3, T=256, D=256" in printed
+    results = written["results"]
     assert [row["layer"].split()[0] for row in results] == ["TopKMoE", "SoftMoE", "SoftMoE"]
     for row in results:
         assert row["ratio"] > 0 and row["ratio"] == row["layer_ms"] / row["baseline_ms"]

@@ -18,6 +18,7 @@ from lm_moe.models.gpt import GPT
 from lm_moe.models.vit import ViT
 from lm_moe.profiling.inference import Decoder, measure_decoding, measure_images, round_up
 from lm_moe.profiling.memory import peak_memory_mb, tensor_mb
+from lm_moe.profiling.models import variant_names
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -85,6 +86,13 @@ def test_measure_images_on_a_tiny_vit():
 
 def test_round_up_to_the_group_size():
     assert [round_up(batch, 4) for batch in (1, 4, 5, 8)] == [4, 4, 8, 8]
+
+
+def test_variant_names_tell_runs_and_versions_apart():
+    assert variant_names("runs/top2/version_3/checkpoints/best-300.ckpt") == [
+        "top2", "top2_version_3", "top2_version_3_best-300"]
+    assert variant_names("configs/vit/dense.yaml") == ["dense", "vit_dense"]
+    assert variant_names("elsewhere/checkpoints/model.ckpt") == ["model", "checkpoints_model"]
 
 
 def shrunk_config(source: Path, folder: Path, model: dict, data: dict | None = None, name: str | None = None) -> Path:

@@ -38,10 +38,14 @@ def load_checkpoint(path: str | Path) -> nn.Module:
     return module_class.load_from_checkpoint(path, map_location="cpu").model.eval()
 
 
-def checkpoint_name(path: str | Path) -> str:
-    """A short name for a checkpoint: its run's name for runs/<name>/version_<n>/checkpoints/<file>,
-    else the file name without its suffix."""
+def variant_names(path: str | Path) -> list[str]:
+    """Names for a config or checkpoint file, shortest first: the first one not yet taken names it.
+
+    A checkpoint at runs/<name>/version_<n>/checkpoints/<file>: <name>, then <name>_version_<n>,
+    then <name>_version_<n>_<file stem>. Any other file: its stem, then <folder>_<stem>.
+    """
     path = Path(path)
     if path.parent.name == "checkpoints" and path.parent.parent.name.startswith("version_"):
-        return path.parents[2].name
-    return path.stem
+        run, version = path.parents[2].name, path.parents[1].name
+        return [run, f"{run}_{version}", f"{run}_{version}_{path.stem}"]
+    return [path.stem, f"{path.parent.name}_{path.stem}"]
