@@ -42,6 +42,7 @@ from torch import nn
 
 from lm_moe.argument_checks import require_positive_float, require_positive_int
 from lm_moe.layers.ffn import ExpertWeights, compute_dtype
+from lm_moe.layers.inputs import check_layer_input
 from lm_moe.layers.layer_output import LayerAux, deferred_stats
 from lm_moe.layers.routing import masked_mean
 from lm_moe.layers.soft_moe import combine_stats, soft_routing_logits
@@ -91,6 +92,7 @@ class CumulativeSoftMoE(nn.Module):
         self.scale = nn.Parameter(torch.ones(()))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
+        check_layer_input(x, mask, self.experts.dim)
         logits = soft_routing_logits(x, self.slot_embeddings, self.scale)  # [B, T, S]
         weights = self._dispatch_weights(logits, mask)  # [B, T, S]
         combine = logits.softmax(dim=-1)  # [B, T, S]

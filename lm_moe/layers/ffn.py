@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm_moe.argument_checks import require_choice, require_positive_int
+from lm_moe.layers.inputs import check_layer_input
 from lm_moe.layers.layer_output import LayerAux
 
 ACTIVATIONS = ("gelu", "swiglu")
@@ -136,5 +137,6 @@ class DenseFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
         """`mask` [B, T] (True = real token) is accepted for interface parity; a dense FFN is per token."""
+        check_layer_input(x, mask, self.expert.dim)
         y = self.expert.forward_batched(x.reshape(1, -1, x.shape[-1]))  # [1, B*T, D]
         return y.reshape(x.shape), LayerAux.empty(x)

@@ -41,6 +41,7 @@ from torch import nn
 
 from lm_moe.argument_checks import require_choice, require_positive_int
 from lm_moe.layers.ffn import ExpertWeights, compute_dtype
+from lm_moe.layers.inputs import check_layer_input
 from lm_moe.layers.layer_output import LayerAux, deferred_stats
 from lm_moe.layers.routing import masked_mean
 from lm_moe.layers.soft_moe import combine_stats, soft_routing_logits
@@ -100,6 +101,7 @@ class LaggedChunkSoftMoE(nn.Module):
         self.null_outputs = nn.Parameter(torch.zeros(self.num_slots, dim))  # what chunk 0 reads
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
+        check_layer_input(x, mask, self.experts.dim)
         B, T, D = x.shape
         S, C = self.num_slots, self.chunk_size
         K = math.ceil(T / C)

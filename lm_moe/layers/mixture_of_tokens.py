@@ -36,6 +36,7 @@ from torch import nn
 
 from lm_moe.argument_checks import require_positive_int
 from lm_moe.layers.ffn import ExpertWeights, compute_dtype
+from lm_moe.layers.inputs import check_layer_input
 from lm_moe.layers.layer_output import LayerAux, deferred_stats
 from lm_moe.layers.routing import entropy, masked_mean
 from lm_moe.layers.soft_moe import combine_stats, soft_routing_logits
@@ -72,6 +73,7 @@ class MixtureOfTokens(nn.Module):
         self.scale = nn.Parameter(torch.ones(()))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
+        check_layer_input(x, mask, self.experts.dim)
         B, T, D = x.shape
         G, E, P, S = self.group_size, self.num_experts, self.slots_per_expert, self.num_slots
         n = self._num_groups(B)

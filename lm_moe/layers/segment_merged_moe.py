@@ -43,6 +43,7 @@ from torch import nn
 
 from lm_moe.argument_checks import require_choice, require_positive_int
 from lm_moe.layers.ffn import ExpertWeights, compute_dtype
+from lm_moe.layers.inputs import check_layer_input
 from lm_moe.layers.layer_output import LayerAux, deferred_stats
 from lm_moe.layers.routing import entropy, masked_mean, routing_dtype
 
@@ -104,6 +105,7 @@ class SegmentMergedMoE(nn.Module):
         return self.first_segment == "prior"
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
+        check_layer_input(x, mask, self.experts.dim)
         out = self._segments(x, mask, previous_mean=None)
         y = out.y if mask is None else out.y * mask.unsqueeze(-1)  # [B, T, D]
         aux = LayerAux.empty(x)

@@ -22,6 +22,7 @@ from torch import nn
 
 from lm_moe.argument_checks import require_positive_int
 from lm_moe.layers.ffn import ExpertWeights, compute_dtype
+from lm_moe.layers.inputs import check_layer_input
 from lm_moe.layers.layer_output import LayerAux, deferred_stats
 from lm_moe.layers.routing import masked_mean, routing_dtype, softmax_entropy
 
@@ -84,6 +85,7 @@ class SoftMoE(nn.Module):
         self.scale = nn.Parameter(torch.ones(()))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
+        check_layer_input(x, mask, self.experts.dim)
         B, T, D = x.shape
         E, P = self.num_experts, self.slots_per_expert
         logits = soft_routing_logits(x, self.slot_embeddings, self.scale)  # [B, T, S]

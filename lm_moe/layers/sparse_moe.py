@@ -11,6 +11,7 @@ from lm_moe.argument_checks import (
     require_positive_int,
 )
 from lm_moe.layers.ffn import ExpertWeights
+from lm_moe.layers.inputs import check_layer_input
 from lm_moe.layers.layer_output import LayerAux, deferred_stats
 from lm_moe.layers.routing import (
     TopKRouter,
@@ -108,6 +109,7 @@ class TopKMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
         """`mask` [B, T] (True = real token): padding is routed nowhere and outputs 0."""
+        check_layer_input(x, mask, self.experts.dim)
         y, aux, _ = self._route_and_run(x, mask)
         return y, aux
 

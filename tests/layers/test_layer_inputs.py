@@ -1,0 +1,39 @@
+"""Every FFN layer refuses, by shape and dtype, an input or mask it cannot take."""
+
+import pytest
+import torch
+
+from lm_moe import layers
+
+LAYERS = {
+    "dense": lambda: layers.DenseFFN(8, 16),
+    "top2": lambda: layers.TopKMoE(8, 16, 4),
+    "soft_moe": lambda: layers.SoftMoE(8, 16, 4),
+    "cumulative": lambda: layers.CumulativeSoftMoE(8, 16, 4),
+    "lagged_chunk": lambda: layers.LaggedChunkSoftMoE(8, 16, 4, chunk_size=2),
+    "mixture_of_tokens": lambda: layers.MixtureOfTokens(8, 16, 4, group_size=2),
+    "segment_merged": lambda: layers.SegmentMergedMoE(8, 16, 4, segment_size=2),
+}
+
+
+@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize(
+    "shape, mask, message",
+    [
+        ((2, 5), None, r"x must be \[batch, tokens, dim\] with dim=8, got shape \(2, 5\)"),
+        ((2, 5, 6), None, r"with dim=8, got shape \(2, 5, 6\)"),
+        ((2, 5, 8), torch.ones(2, 5), r"mask must be a bool tensor of shape .* = \(2, 5\).*got torch.float32 of shape \(2, 5\)"),
+        ((2, 5, 8), torch.ones(2, 4, dtype=torch.bool), r"got torch.bool of shape \(2, 4\)"),
+    ],
+)
+def test_bad_input_or_mask_is_refused_by_shape_and_dtype(name, shape, mask, message):
+    with pytest.raises(ValueError, match=message):
+        LAYERS[name]()(torch.randn(*shape), mask)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_a_bool_mask_of_the_batch_shape_is_taken(name):
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, 3:] = False
+    y, _ = LAYERS[name]()(torch.randn(2, 5, 8), mask)
+    assert y.shape == (2, 5, 8)
