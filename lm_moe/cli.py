@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.cli import LightningCLI
 
 from lm_moe.lit.callbacks import ImagePredictionWriter, TextPredictionWriter, Throughput
+from lm_moe.lit.checkpoint_callback import LastAndBestCheckpoint
 from lm_moe.lit.checkpoints import read_checkpoint, require_matching_state
 from lm_moe.lit.interruption import CheckpointOnInterrupt
 
@@ -51,7 +52,7 @@ class LmMoeCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--task", choices=tuple(TASKS), default="lm", help="what the config trains (configs set it)")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LastAndBestCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/loss",

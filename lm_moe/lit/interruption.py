@@ -2,12 +2,13 @@
 
 import signal
 import threading
-from pathlib import Path
 
 import pytorch_lightning as pl
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from lm_moe.lit.checkpoint_callback import write_last_checkpoint
 
 
 class CheckpointOnInterrupt(pl.Callback):
@@ -66,8 +67,5 @@ class CheckpointOnInterrupt(pl.Callback):
         checkpoint = trainer.checkpoint_callback
         if checkpoint is None or checkpoint.dirpath is None or trainer.sanity_checking:
             return
-        path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
-        # With save_last="link", last.ckpt links to a top-k checkpoint; Lightning writes to a temporary
-        # file and renames it over the link, so that checkpoint stays as it is.
-        trainer.save_checkpoint(path, weights_only=False)  # the optimizer too: a resume continues it
+        path = write_last_checkpoint(trainer, checkpoint)
         rank_zero_info(f"Stopped at step {trainer.global_step}: wrote {path}; `--ckpt_path last` resumes from there")

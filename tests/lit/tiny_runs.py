@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
+from lm_moe.lit.checkpoints import read_checkpoint
+
 
 def tiny_run_args(cache_dir: Path, steps: int) -> list[str]:
     """`steps` training steps, validation of 2 batches every 2 steps, logging every step, no
@@ -31,3 +33,15 @@ class SignalAtStep(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), self.signum)
+
+
+class LastCheckpointSteps(pl.Callback):
+    """Records, as each training step starts, the step last.ckpt holds (None before it exists),
+    in `steps`: what a run killed at that moment would resume from."""
+
+    def __init__(self):
+        self.steps: list[int | None] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        path = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+        self.steps.append(read_checkpoint(path)["global_step"] if path.is_file() else None)
