@@ -4,7 +4,7 @@
 """
 
 import torch
-from jsonargparse import auto_cli
+from jsonargparse import auto_parser
 
 from lm_moe.argument_checks import require_non_negative_int, require_positive_int
 from lm_moe.data.tokenizer import load_encoding
@@ -16,7 +16,7 @@ from lm_moe.models.generation import check_sampling, generate
 def sample(
     ckpt_path: str,
     prompt: str = "",
-    max_new_tokens: int = 200,
+    max_new_tokens: int | None = None,
     temperature: float = 0.8,
     top_k: int | None = 50,
     top_p: float | None = None,
@@ -29,16 +29,19 @@ def sample(
     Args:
         ckpt_path: a checkpoint written by `python -m lm_moe fit`.
         prompt: text to continue; empty = start a new document.
-        max_new_tokens: tokens to generate after the prompt (prompt + new must fit the context).
+        max_new_tokens: tokens to generate after the prompt (prompt + new must fit the context);
+            by default as many as fit in the rest of the model's context.
         temperature: 0 = greedy; higher = more random.
-        top_k: sample among the k most likely tokens only (None = all).
-        top_p: sample among the smallest set of tokens whose probability reaches p (None = all).
+        top_k: sample among the k most likely tokens only (None = all; null on the command line).
+        top_p: sample among the smallest set of tokens whose probability reaches p (None = all;
+            null on the command line).
         num_samples: continuations generated side by side.
         seed: random seed of the sampling.
         device: where to run, e.g. "cpu" or "cuda".
     """
     require_positive_int("num_samples", num_samples)
-    require_non_negative_int("max_new_tokens", max_new_tokens)
+    if max_new_tokens is not None:
+        require_non_negative_int("max_new_tokens", max_new_tokens)
     check_sampling(temperature, top_k, top_p)
     checkpoint = read_checkpoint(ckpt_path, task="lm")
     data_args = checkpoint.get("datamodule_hyper_parameters", {})
@@ -50,6 +53,13 @@ def sample(
         )
 
     prompt_ids = [tokenizer.eot_id] + tokenizer.encode_batch([prompt])[0]  # a document starts after end-of-text
+    if max_new_tokens is None:
+        max_new_tokens = model.block_size - len(prompt_ids)
+        if max_new_tokens <= 0:
+            raise ValueError(
+                f"prompt length {len(prompt_ids)} (end-of-text included) leaves no room for new tokens "
+                f"in the model's block_size {model.block_size}"
+            )
     input_ids = torch.tensor([prompt_ids] * num_samples, device=device)  # [num_samples, T0]
     generator = torch.Generator(device=device).manual_seed(seed)
     output = generate(
@@ -72,7 +82,14 @@ def sample(
 
 
 def main(args=None) -> None:
-    auto_cli(sample, args=args, prog="python -m lm_moe.sample")
+    parser = auto_parser(sample, prog="python -m lm_moe.sample")
+    settings = parser.parse_args(args).as_dict()
+    settings.pop("config", None)
+    try:
+        sample(**settings)
+    except (ValueError, FileNotFoundError) as err:
+        # Bad settings, a missing or foreign checkpoint, a prompt too long: the user's to fix, no traceback.
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -195,6 +195,12 @@ def test_missing_text_column_lists_available_columns(tmp_path, corpus):
         _ready(_module(tmp_path, data_files=corpus["parquet"]["data_files"], text_column="content"))
 
 
+@pytest.mark.parametrize("fmt, strings", [("jsonl", "['text']"), ("parquet", "['body']")])
+def test_text_column_that_is_not_text_names_its_type_and_the_string_columns(tmp_path, corpus, fmt, strings):
+    with pytest.raises(ValueError, match=r"text_column 'id' holds Value\('int64'\) values, not strings.*" + re.escape(strings)):
+        _ready(_module(tmp_path, data_files=corpus[fmt]["data_files"], text_column="id"))
+
+
 def test_block_size_larger_than_a_split(tmp_path, corpus):
     with pytest.raises(ValueError, match=r"validation split has \d+ tokens.*block_size=4096"):
         _ready(_module(tmp_path, block_size=4096, **corpus["txt"]))

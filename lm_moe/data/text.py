@@ -90,6 +90,11 @@ def _builder_for(files: list[str]) -> str:
     return builders.pop()
 
 
+def _is_string(feature) -> bool:
+    """Whether a `datasets` column holds text: Value("string") or Value("large_string")."""
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
 def unigram_cross_entropy(train_blocks: Tensor, val_blocks: Tensor, vocab_size: int) -> float:
     """Validation cross-entropy (nats/token) of the train split's token frequencies (add-one
     smoothed): the loss of a model that ignores context, the bar a trained LM must clear."""
@@ -226,6 +231,14 @@ class TextDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"text_column {self.text_column!r} is not in the dataset; "
                 f"available columns: {documents.column_names}"
+            )
+        feature = documents.features[self.text_column]
+        if not _is_string(feature):
+            # Checked here: tiktoken would fail on the first non-string value, deep inside the map.
+            strings = [name for name, other in documents.features.items() if _is_string(other)]
+            raise ValueError(
+                f"text_column {self.text_column!r} holds {feature} values, not strings; "
+                f"string columns: {strings}"
             )
         if self.max_documents is not None and len(documents) > self.max_documents:
             documents = documents.select(range(self.max_documents))

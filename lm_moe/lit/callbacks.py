@@ -35,8 +35,9 @@ class Throughput(pl.Callback):
 
 
 class JsonlPredictionWriter(BasePredictionWriter):
-    """Appends what `predict` returns to `<log dir>/predictions.jsonl`, one record per line, and
-    prints the first `shown` records. Subclasses say what a batch's records are and how one reads."""
+    """Writes what `predict` returns to `<log dir>/predictions.jsonl` (a fresh file each run), one
+    record per line, and prints the first `shown` records. Subclasses say what a batch's records
+    are and how one reads."""
 
     def __init__(self, shown: int = 3):
         super().__init__(write_interval="batch")
@@ -50,8 +51,20 @@ class JsonlPredictionWriter(BasePredictionWriter):
     def describe(self, record: dict) -> str:
         raise NotImplementedError
 
+    @staticmethod
+    def _path(trainer) -> Path:
+        # trainer.log_dir broadcasts from rank zero: every rank must ask for it.
+        return Path(trainer.log_dir or trainer.default_root_dir) / "predictions.jsonl"
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        # Each run starts a fresh file: without a logger, every run writes to the same folder.
+        path = self._path(trainer)
+        if trainer.is_global_zero:
+            path.unlink(missing_ok=True)
+        trainer.strategy.barrier()  # no rank appends before the old file is gone
+
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        path = Path(trainer.log_dir or trainer.default_root_dir) / "predictions.jsonl"
+        path = self._path(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as out:
             for record in self.records(trainer, prediction, batch_indices):
