@@ -180,6 +180,8 @@ def main(args: list[str] | None = None, run: bool = True) -> LmMoeCLI:
     task = TASKS[task_of(sys.argv[1:] if args is None else list(args))]
     model_class, data_class = task.classes()
     with warnings.catch_warnings():
+        # Lightning cannot tell that the training sampler resumes mid-epoch (lm_moe.data.loaders).
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
         if args is not None:  # called from a script or a test: that program's own argv is not for the CLI
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         return task.cli(

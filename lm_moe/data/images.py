@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lm_moe.argument_checks import require_non_negative_int, require_positive_int, require_proper_fraction
-from lm_moe.data.loaders import evaluation_loader, training_loader
+from lm_moe.data.loaders import batches_trained, evaluation_loader, training_loader
 
 MNIST_5K = "mnist-5k"
 
@@ -404,7 +404,8 @@ class ImageDataModule(pl.LightningDataModule):
                 self.test_set = self.val_set
 
     def train_dataloader(self) -> DataLoader:
-        return training_loader(self.train_set, self.batch_size, self.seed, self.num_workers)
+        # A resumed run continues the batch order where its checkpoint stopped.
+        return training_loader(self.train_set, self.batch_size, self.seed, self.num_workers, batches_trained(self.trainer))
 
     def val_dataloader(self) -> DataLoader:
         return evaluation_loader(self.val_set, self.batch_size, self.num_workers)

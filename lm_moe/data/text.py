@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lm_moe.argument_checks import require_non_negative_int, require_positive_int, require_proper_fraction
-from lm_moe.data.loaders import evaluation_loader, training_loader
+from lm_moe.data.loaders import batches_trained, evaluation_loader, training_loader
 from lm_moe.data.tokenizer import load_encoding
 
 STDLIB = "python-stdlib"
@@ -327,7 +327,8 @@ class TextDataModule(pl.LightningDataModule):
             self.train_set, self.val_set = PackedBlocks(train), PackedBlocks(val)
 
     def train_dataloader(self) -> DataLoader:
-        return training_loader(self.train_set, self.batch_size, self.seed, self.num_workers)
+        # A resumed run continues the batch order where its checkpoint stopped.
+        return training_loader(self.train_set, self.batch_size, self.seed, self.num_workers, batches_trained(self.trainer))
 
     def val_dataloader(self) -> DataLoader:
         return evaluation_loader(self.val_set, self.batch_size, self.num_workers)

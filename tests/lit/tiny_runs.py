@@ -45,3 +45,13 @@ class LastCheckpointSteps(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         path = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
         self.steps.append(read_checkpoint(path)["global_step"] if path.is_file() else None)
+
+
+class BatchFingerprints(pl.Callback):
+    """Records each training batch as (global step, first token of every row), in `batches`."""
+
+    def __init__(self):
+        self.batches: list[tuple[int, tuple[int, ...]]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches.append((trainer.global_step, tuple(batch["input_ids"][:, 0].tolist())))
