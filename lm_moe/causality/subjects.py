@@ -5,26 +5,24 @@ their future, how to decode incrementally and what to differentiate. The checks 
 only talk to this interface, so the same checks prove a layer and a model built from a config.
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from lm_moe.layers.mixture_of_tokens import required_batch_multiple
 from lm_moe.models.gpt import GPT
 
 
 def _structure_sizes(module: nn.Module) -> tuple[set[int], int]:
     """Chunk / segment lengths of the layers in `module` (where the probes must look closely) and
     the batch multiple their groups need (Mixture of Tokens decodes groups of sequences together)."""
-    boundaries, batch_multiple = set(), 1
+    boundaries = set()
     for layer in module.modules():
         for name in ("chunk_size", "segment_size"):
             if isinstance(getattr(layer, name, None), int):
                 boundaries.add(getattr(layer, name))
-        if isinstance(getattr(layer, "group_size", None), int):
-            batch_multiple = math.lcm(batch_multiple, layer.group_size)
-    return boundaries, batch_multiple
+    return boundaries, required_batch_multiple(module)
 
 
 def _starts(pieces: list[int]) -> list[int]:

@@ -31,6 +31,8 @@ Decoding: no temporal state; every step is this same layer on the new positions,
 sequences of a group must decode in lock-step (the batch a multiple of G).
 """
 
+import math
+
 import torch
 from torch import nn
 
@@ -124,3 +126,19 @@ class MixtureOfTokens(nn.Module):
             "dispatch_entropy": masked_mean(dispatch_entropy, group_positions).float(),
             **combine_stats(logits, combine, tokens),
         }
+
+
+def required_batch_multiple(module: nn.Module) -> int:
+    """The multiple of which a batch through `module` must be: the least common multiple of the
+    group sizes of its Mixture of Tokens layers (1 without any)."""
+    return math.lcm(1, *(layer.group_size for layer in module.modules() if isinstance(layer, MixtureOfTokens)))
+
+
+def fill_groups(rows: torch.Tensor, multiple: int) -> torch.Tensor:
+    """rows [B, ...] -> [B', ...], B' the next multiple of `multiple`, by repeating rows from the
+    start: a short last evaluation batch still fills whole groups. The added rows share groups
+    with real ones (as any batch-mates do in Mixture of Tokens); callers drop their outputs."""
+    missing = -rows.shape[0] % multiple
+    if missing == 0:
+        return rows
+    return torch.cat([rows, rows[torch.arange(missing, device=rows.device) % rows.shape[0]]])  # [B', ...]

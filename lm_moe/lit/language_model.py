@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import torchmetrics
 
 from lm_moe.argument_checks import require_non_negative_int, require_positive_int
+from lm_moe.layers.mixture_of_tokens import fill_groups, required_batch_multiple
 from lm_moe.lit.checkpoints import require_matching_state
 from lm_moe.lit.moe_metrics import log_moe_stats
 from lm_moe.lit.optim import check_adamw_settings, configure_adamw
@@ -61,6 +62,8 @@ class LanguageModel(pl.LightningModule):
         # Checkpoints store the settings as a dict; rebuild the dataclass when loading one.
         self.sampling = sampling if isinstance(sampling, SamplingSettings) else SamplingSettings(**sampling)
         self.model = GPT(vocab_size, block_size, **gpt_kwargs)
+        # Mixture of Tokens mixes groups of rows: a short last evaluation batch is filled up to whole groups.
+        self.batch_multiple = required_batch_multiple(self.model)
         # torch.compile for the training and evaluation forward only: decoding with a growing cache
         # would recompile at every length. The weights stay where they are (checkpoints unchanged).
         self._forward = torch.compile(self.model.forward) if compile else self.model.forward
@@ -70,14 +73,16 @@ class LanguageModel(pl.LightningModule):
     def forward(self, input_ids: torch.Tensor):
         return self.model(input_ids)
 
-    def _loss(self, batch: dict[str, torch.Tensor]):
-        output = self._forward(batch["input_ids"])
-        logits = output.logits.float()  # [B, T, V] cross-entropy in fp32 also under autocast
-        cross_entropy = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
+    def _loss(self, input_ids: torch.Tensor, targets: torch.Tensor):
+        """Cross-entropy of targets [B, T] given input_ids [B', T], B' >= B: rows past B (filling
+        groups, see fill_groups) only keep the real rows' company."""
+        output = self._forward(input_ids)
+        logits = output.logits[: targets.shape[0]].float()  # [B, T, V] cross-entropy in fp32 also under autocast
+        cross_entropy = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return cross_entropy, output
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        cross_entropy, output = self._loss(batch)
+        cross_entropy, output = self._loss(batch["input_ids"], batch["targets"])
         loss = cross_entropy + output.aux_loss
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({"train/cross_entropy": cross_entropy, "train/aux_loss": output.aux_loss}, sync_dist=True)
@@ -103,7 +108,7 @@ class LanguageModel(pl.LightningModule):
 
     def _accumulate(self, metric: torchmetrics.MeanMetric, batch: dict[str, torch.Tensor]) -> None:
         """Token-weighted mean cross-entropy over the epoch (synchronised across ranks)."""
-        cross_entropy, _ = self._loss(batch)
+        cross_entropy, _ = self._loss(fill_groups(batch["input_ids"], self.batch_multiple), batch["targets"])
         metric.update(cross_entropy, weight=batch["targets"].numel())
 
     @staticmethod
@@ -130,13 +135,13 @@ class LanguageModel(pl.LightningModule):
         prompt = batch["input_ids"][:, : sampling.prompt_tokens]  # [B, P]
         tokens = generate(
             self.model,
-            prompt,
+            fill_groups(prompt, self.batch_multiple),
             sampling.new_tokens,
             temperature=sampling.temperature,
             top_k=sampling.top_k,
             top_p=sampling.top_p,
             generator=self._sampling_generator,
-        )  # [B, P + new]
+        )[: prompt.shape[0]]  # [B, P + new]
         return {"prompt_ids": prompt, "generated_ids": tokens[:, prompt.shape[1] :]}
 
     def configure_optimizers(self) -> dict:

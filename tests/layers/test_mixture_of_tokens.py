@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lm_moe.layers import mixture_of_tokens as mot_module
-from lm_moe.layers.mixture_of_tokens import MixtureOfTokens
+from lm_moe.layers.mixture_of_tokens import MixtureOfTokens, fill_groups, required_batch_multiple
 
 from . import reference_tokens_segments as reference
 from .layer_checks import assert_matches_reference, decode_in_pieces
@@ -171,3 +171,16 @@ def test_bf16_autocast_keeps_router_in_fp32(monkeypatch):
 def test_bad_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         make_mot(**kwargs)
+
+
+def test_required_batch_multiple_is_the_lcm_of_the_group_sizes():
+    layers = torch.nn.ModuleList([make_mot(group_size=4), make_mot(group_size=6), torch.nn.Linear(2, 2)])
+    assert required_batch_multiple(layers) == 12
+    assert required_batch_multiple(torch.nn.Linear(2, 2)) == 1
+
+
+def test_fill_groups_repeats_rows_from_the_start_up_to_a_whole_multiple():
+    rows = torch.arange(5).view(5, 1)
+    assert fill_groups(rows, 4).flatten().tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+    assert fill_groups(rows[:2], 4).flatten().tolist() == [0, 1, 0, 1]
+    assert fill_groups(rows, 5) is rows

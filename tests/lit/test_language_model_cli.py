@@ -396,3 +396,19 @@ def test_the_cli_called_from_code_ignores_the_callers_own_argv_without_warning(t
     built = cli.main(["-c", str(LM_CONFIGS[0]), *tiny_args(tmp_path)], run=False)
     assert built.model.model is not None
     assert not [w for w in recwarn if "LightningCLI's args parameter" in str(w.message)]
+
+
+def test_mixture_of_tokens_evaluates_and_predicts_a_short_last_batch(tmp_path, monkeypatch):
+    # Groups of 4 sequences: a last validation batch of 1-3 blocks fills its group with repeated
+    # rows, whose outputs are dropped, instead of failing the run at its first validation.
+    monkeypatch.chdir(tmp_path)
+    config = REPO / "configs/lm/mixture_of_tokens.yaml"
+    run = fit(config, tmp_path / "cache", "--trainer.limit_val_batches=1.0", "--data.val_fraction=0.3", steps=2)
+    blocks = len(run.datamodule.val_set)
+    assert blocks % 4 != 0  # the case under test: a short last batch
+    assert all(torch.isfinite(torch.tensor(scalars(Path(run.trainer.logger.log_dir))["val/loss"])))
+    run_dir = Path(run.trainer.logger.log_dir)
+    predicted = cli.main(["predict", "-c", str(run_dir / "config.yaml"), f"--ckpt_path={run_dir}/checkpoints/last.ckpt",
+                          "--model.sampling.prompt_tokens=4", "--model.sampling.new_tokens=2"])
+    records = (Path(predicted.trainer.log_dir) / "predictions.jsonl").read_text().splitlines()
+    assert len(records) == blocks
