@@ -95,12 +95,11 @@ def _is_string(feature) -> bool:
     return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
-def unigram_cross_entropy(train_blocks: Tensor, val_blocks: Tensor, vocab_size: int) -> float:
-    """Validation cross-entropy (nats/token) of the train split's token frequencies (add-one
-    smoothed): the loss of a model that ignores context, the bar a trained LM must clear."""
+def unigram_log_probs(train_blocks: Tensor, vocab_size: int) -> Tensor:
+    """Log-probabilities [V] of the train split's target-token frequencies (add-one smoothed): the
+    model that ignores context, whose cross-entropy is the bar a trained LM must clear."""
     counts = torch.bincount(train_blocks[:, 1:].flatten().long(), minlength=vocab_size).double() + 1  # [V]
-    log_probs = torch.log(counts / counts.sum())  # [V]
-    return float(-log_probs[val_blocks[:, 1:].flatten().long()].mean())
+    return torch.log(counts / counts.sum())  # [V]
 
 
 class PackedBlocks(Dataset):
@@ -193,7 +192,7 @@ class TextDataModule(pl.LightningDataModule):
 
         self.train_set: PackedBlocks | None = None
         self.val_set: PackedBlocks | None = None
-        self.unigram_cross_entropy: float | None = None  # set by setup()
+        self.unigram_log_probs: Tensor | None = None  # [V], set by setup()
 
     # ---- loading and tokenising (cached by `datasets`) ----
 
@@ -285,11 +284,12 @@ class TextDataModule(pl.LightningDataModule):
         token_is_val = np.repeat(is_val, lengths)  # [n_tokens]
         train = self._pack(tokens[~token_is_val], "train")
         val = self._pack(tokens[token_is_val], "validation")
-        self.unigram_cross_entropy = unigram_cross_entropy(train, val, self.vocab_size)
+        self.unigram_log_probs = unigram_log_probs(train, self.vocab_size)
+        unigram_cross_entropy = float(-self.unigram_log_probs[val[:, 1:].flatten().long()].mean())
         rank_zero_info(
             f"{self._source()}: {n_docs - n_val} train / {n_val} validation documents, "
             f"{train.shape[0]} / {val.shape[0]} blocks of {self.block_size} + 1 tokens; "
-            f"unigram baseline: {self.unigram_cross_entropy:.3f} nats/token on validation"
+            f"unigram baseline: {unigram_cross_entropy:.3f} nats/token on the whole validation split"
         )
         if train.shape[0] < self.batch_size:
             raise ValueError(

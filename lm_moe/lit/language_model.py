@@ -69,6 +69,7 @@ class LanguageModel(pl.LightningModule):
         self._forward = torch.compile(self.model.forward) if compile else self.model.forward
         self.val_loss = torchmetrics.MeanMetric()
         self.test_loss = torchmetrics.MeanMetric()
+        self.val_unigram = torchmetrics.MeanMetric()  # the baseline on the batches val/loss covers
 
     def forward(self, input_ids: torch.Tensor):
         return self.model(input_ids)
@@ -91,14 +92,19 @@ class LanguageModel(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._accumulate(self.val_loss, batch)
+        log_probs = getattr(self.trainer.datamodule, "unigram_log_probs", None)  # [V], the train split's
+        if log_probs is not None:
+            targets = batch["targets"]  # [B, T]
+            unigram = -log_probs.to(targets.device)[targets.long()].mean()
+            self.val_unigram.update(unigram, weight=targets.numel())
 
     def on_validation_epoch_end(self) -> None:
         metrics = self._loss_and_perplexity(self.val_loss, "val")
         # torchmetrics already synchronised the values: sync_dist only tells Lightning so.
         self.log_dict({**metrics, "hp_metric": metrics["val/loss"]}, prog_bar=True, sync_dist=True)
-        baseline = getattr(self.trainer.datamodule, "unigram_cross_entropy", None)
-        if baseline is not None:
-            self.log("val/unigram_baseline", baseline, sync_dist=True)
+        if self.val_unigram.update_count:  # none without the data module's token frequencies
+            self.log("val/unigram_baseline", self.val_unigram.compute(), sync_dist=True)
+            self.val_unigram.reset()
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._accumulate(self.test_loss, batch)

@@ -412,3 +412,15 @@ def test_mixture_of_tokens_evaluates_and_predicts_a_short_last_batch(tmp_path, m
                           "--model.sampling.prompt_tokens=4", "--model.sampling.new_tokens=2"])
     records = (Path(predicted.trainer.log_dir) / "predictions.jsonl").read_text().splitlines()
     assert len(records) == blocks
+
+
+def test_unigram_baseline_is_measured_on_the_batches_val_loss_covers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = fit(REPO / "configs/lm/dense.yaml", tmp_path / "cache", steps=2)  # validation: the first 2 batches of 4
+    data = run.datamodule
+    counts = torch.bincount(data.train_set.blocks[:, 1:].flatten().long(), minlength=data.vocab_size).double() + 1
+    targets = data.val_set.blocks[:8, 1:].flatten().long()  # what val/loss was computed on
+    expected = -torch.log(counts / counts.sum())[targets].mean().item()
+    assert len(data.val_set) > 8  # the whole split would give another number
+    logged = scalars(Path(run.trainer.logger.log_dir))["val/unigram_baseline"]
+    assert logged == [pytest.approx(expected, rel=1e-6)]
