@@ -8,6 +8,7 @@ validation loss) in its `checkpoints/` folder. `--ckpt_path last` resumes the ne
 same name: the step count, optimizer and schedule continue, and the logs go to a new version.
 """
 
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from pathlib import Path
 import yaml
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lm_moe.lit.callbacks import ImagePredictionWriter, TextPredictionWriter, Throughput
 from lm_moe.lit.checkpoint_callback import LastAndBestCheckpoint
@@ -184,17 +186,21 @@ def main(args: list[str] | None = None, run: bool = True) -> LmMoeCLI:
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
         if args is not None:  # called from a script or a test: that program's own argv is not for the CLI
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        return task.cli(
-            model_class,
-            data_class,
-            args=args,
-            run=run,
-            auto_configure_optimizers=False,  # the modules bring their own AdamW + schedule
-            parser_kwargs={"prog": "python -m lm_moe"},  # not "__main__.py" in usage lines and errors
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults={
-                "default_root_dir": RUNS_DIR,
-                "logger": {"class_path": "pytorch_lightning.loggers.TensorBoardLogger", "init_args": {"save_dir": RUNS_DIR, "name": "run"}},
-                "callbacks": task.callbacks(),
-            },
-        )
+        try:
+            return task.cli(
+                model_class,
+                data_class,
+                args=args,
+                run=run,
+                auto_configure_optimizers=False,  # the modules bring their own AdamW + schedule
+                parser_kwargs={"prog": "python -m lm_moe"},  # not "__main__.py" in usage lines and errors
+                save_config_kwargs={"overwrite": True},
+                trainer_defaults={
+                    "default_root_dir": RUNS_DIR,
+                    "logger": {"class_path": "pytorch_lightning.loggers.TensorBoardLogger", "init_args": {"save_dir": RUNS_DIR, "name": "run"}},
+                    "callbacks": task.callbacks(),
+                },
+            )
+        except SIGTERMException as stopped:
+            # Lightning stops with exit status 0 on SIGTERM; a scheduler or script must not read it as success.
+            raise SystemExit(128 + signal.SIGTERM) from stopped
