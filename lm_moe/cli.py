@@ -26,7 +26,7 @@ from lm_moe.lit.checkpoints import read_checkpoint, require_matching_state
 from lm_moe.lit.interruption import CheckpointOnInterrupt
 
 RUNS_DIR = "runs"
-LIGHTNING_CHECKPOINT_NAMES = ("best", "hpc", "registry")  # --ckpt_path values Lightning resolves itself
+LIGHTNING_CHECKPOINT_NAMES = ("hpc", "registry")  # --ckpt_path values Lightning resolves itself
 
 
 def newest_last_checkpoint(logger_root: Path) -> Path:
@@ -38,6 +38,18 @@ def newest_last_checkpoint(logger_root: Path) -> Path:
             "train first, or give the checkpoint's path"
         )
     return candidates[-1]
+
+
+def newest_best_checkpoint(logger_root: Path) -> Path:
+    """The best checkpoint (by the monitored metric) of the newest run version under `logger_root`,
+    as that run's last.ckpt records it. (Lightning resolves `best` only within the process that
+    trained, so from a new command it failed with "not configured to save the best model".)"""
+    last = newest_last_checkpoint(logger_root)
+    states = read_checkpoint(last).get("callbacks", {}).values()
+    best = next((state["best_model_path"] for state in states if state.get("best_model_path")), None)
+    if best is None or not Path(best).is_file():
+        raise FileNotFoundError(f"--ckpt_path best: {last} records no best checkpoint that exists (found {best!r})")
+    return Path(best)
 
 
 def logger_root(logger_config) -> Path:
@@ -74,7 +86,7 @@ class LmMoeCLI(LightningCLI):
         """Replaces Lightning's step that rebuilds the model from the checkpoint's hyperparameters,
         which would silently override the config: here the config decides what is built, and a
         checkpoint that does not fit it is refused with the differences listed (before training).
-        Resolves `--ckpt_path last` and checks that a given file exists, before any data work."""
+        Resolves `--ckpt_path last` and `best` and checks that a given file exists, before any data work."""
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
@@ -82,6 +94,8 @@ class LmMoeCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if ckpt_path == "last":
             config.ckpt_path = str(newest_last_checkpoint(logger_root(config.trainer.logger)))
+        elif ckpt_path == "best":
+            config.ckpt_path = str(newest_best_checkpoint(logger_root(config.trainer.logger)))
         elif ckpt_path is not None and ckpt_path not in LIGHTNING_CHECKPOINT_NAMES and not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"--ckpt_path: no checkpoint file at {ckpt_path!r}")
 
