@@ -53,7 +53,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                         help="training steps of every variant (default: the preset's)")
     parser.add_argument("--val-every", type=int, default=None,
                         help="validation and checkpoint interval in steps (default: max steps / 10)")
-    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument(
+        "--seed", type=int, default=1234,
+        help="seed_everything of every variant: initialisation, dropout, router noise (the data split and batch order follow data.seed, the same for every --seed)",
+    )
     parser.add_argument("--decode-batch", type=int, default=4)
     parser.add_argument("--causality-seeds", type=int, default=1, help="random inputs per leakage check (0: skip)")
     parser.add_argument("--threads", type=int, default=None,

@@ -42,7 +42,11 @@ def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             decay.append(parameter)
         else:
             no_decay.append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Named, so that the learning-rate monitor logs lr-AdamW/decay and lr-AdamW/no_decay, not pg1 and pg2.
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:

@@ -98,3 +98,11 @@ def test_both_lightning_modules_check_their_optimizer_settings_when_built(module
     module()  # the same small module with good settings builds
     with pytest.raises(ValueError, match=r"min_lr_ratio must be a number in \[0, 1\], got 2"):
         module(min_lr_ratio=2)
+
+
+def test_weight_decay_groups_are_named_and_spare_norms_biases_and_embeddings():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.LayerNorm(8))
+    decay, no_decay = adamw_param_groups(model, 0.1)
+    assert (decay["name"], decay["weight_decay"], no_decay["name"], no_decay["weight_decay"]) == ("decay", 0.1, "no_decay", 0.0)
+    assert [p.shape for p in decay["params"]] == [(8, 8)]  # the linear weight alone
+    assert sorted(p.numel() for p in no_decay["params"]) == [8, 8, 8, 80]  # bias, norm weight and bias, embedding
