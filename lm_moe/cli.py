@@ -107,7 +107,13 @@ class LmMoeCLI(LightningCLI):
         if ckpt_path is not None and ckpt_path not in LIGHTNING_CHECKPOINT_NAMES:
             require_matching_state(read_checkpoint(ckpt_path)["state_dict"], self.model.state_dict())
 
-    before_validate = before_test = before_predict = before_fit
+    before_validate = before_test = before_fit
+
+    def before_predict(self) -> None:
+        self.before_fit()
+        check_predict_settings = getattr(self.model, "check_predict_settings", None)  # what the task has
+        if check_predict_settings is not None:
+            check_predict_settings()
 
 
 class LanguageModelCLI(LmMoeCLI):

@@ -13,6 +13,14 @@ from lm_moe.lit.language_model import LanguageModel
 from lm_moe.models.generation import check_sampling, generate
 
 
+def require_usable_device(device: str) -> None:
+    """Refuse a device this machine lacks (or a misspelt one) by name, before the checkpoint is read."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:  # torch asserts when built without CUDA
+        raise ValueError(f"device {device!r} is not usable here: {err}") from err
+
+
 def sample(
     ckpt_path: str,
     prompt: str = "",
@@ -43,6 +51,7 @@ def sample(
     if max_new_tokens is not None:
         require_non_negative_int("max_new_tokens", max_new_tokens)
     check_sampling(temperature, top_k, top_p)
+    require_usable_device(device)
     checkpoint = read_checkpoint(ckpt_path, task="lm")
     data_args = checkpoint.get("datamodule_hyper_parameters", {})
     tokenizer = load_encoding(data_args.get("tokenizer", "cl100k_base"), data_args.get("vocab_size"))

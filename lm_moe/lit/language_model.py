@@ -127,13 +127,18 @@ class LanguageModel(pl.LightningModule):
         # Before Lightning loads the weights: a clear error instead of a wall of missing keys.
         require_matching_state(checkpoint["state_dict"], self.state_dict())
 
-    def on_predict_start(self) -> None:
+    def check_predict_settings(self) -> None:
+        """Refuse prompts and continuations that do not fit the context (the CLI asks before any data work)."""
         sampling = self.sampling
         if sampling.prompt_tokens + sampling.new_tokens > self.model.block_size:
             raise ValueError(
                 f"sampling.prompt_tokens {sampling.prompt_tokens} + sampling.new_tokens {sampling.new_tokens} "
                 f"exceed the model's block_size {self.model.block_size}"
             )
+
+    def on_predict_start(self) -> None:
+        self.check_predict_settings()
+        sampling = self.sampling
         self._sampling_generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lm_moe import cli, sample
 from lm_moe.causality import report as causality_report
+from lm_moe.data.text import TextDataModule
 from lm_moe.layers import TopKMoE
 from lm_moe.lit.interruption import CheckpointOnInterrupt
 from lm_moe.lit.language_model import SamplingSettings
@@ -325,6 +326,7 @@ def test_the_language_model_commands_refuse_an_image_classifier_s_checkpoint(tmp
         ({"num_samples": 0}, "num_samples must be a positive integer, got 0"),
         ({"max_new_tokens": -5}, "max_new_tokens must be an integer >= 0, got -5"),
         ({"top_p": 2.0}, r"top_p must be a number in \(0, 1\] or None, got 2.0"),
+        ({"device": "cude"}, "device 'cude' is not usable here"),
     ],
 )
 def test_sample_checks_its_settings_before_reading_the_checkpoint(tmp_path, setting, message):
@@ -360,6 +362,8 @@ def test_predict_writes_continuations_of_validation_prompts(trained_top2, monkey
     assert len(records) == 4  # one batch of data.batch_size prompts
     assert all(record["prompt"] and "generated" in record for record in records)
 
+    # Refused before any data work: setting the data up would fail the test another way.
+    monkeypatch.setattr(TextDataModule, "setup", lambda self, stage=None: pytest.fail("the data was set up"))
     with pytest.raises(ValueError, match="exceed the model's block_size 32"):
         cli.main(args[:-1] + ["--model.sampling.new_tokens=40"])
 
