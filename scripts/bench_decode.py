@@ -5,13 +5,13 @@
 
 For each config and context length L: the time of one cached decoding step after a prefill of L
 tokens (mean over `--steps` steps) and the time of one full forward over L + 1 tokens (what
-decoding without a cache would cost per token). Batch `--batch` (raised to the layer's group size
-where Mixture of Tokens needs lock-step groups), fp32, eval mode, no gradients.
+decoding without a cache would cost per step). A step decodes one token for every row of the
+batch: `--batch` rows, rounded up to a whole number of groups where Mixture of Tokens decodes
+groups in lock-step. fp32, eval mode, no gradients.
 """
 
 import argparse
 import json
-import math
 import statistics
 import time
 from pathlib import Path
@@ -22,8 +22,10 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from lm_moe.causality.subjects import ModelSubject
+from lm_moe.cli import task_of
 from lm_moe.cpu_allocator import tune_cpu_allocator
+from lm_moe.layers.mixture_of_tokens import required_batch_multiple
+from lm_moe.profiling.inference import round_up
 from lm_moe.profiling.models import build_from_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +65,9 @@ def main() -> None:
     if min(args.contexts) <= 0 or args.batch <= 0 or args.steps <= 0 or args.repeats <= 0:
         parser.error("--contexts, --batch, --steps and --repeats must be positive")
     configs = args.config or sorted((REPO / "configs/lm").glob("*.yaml"))
+    not_lm = [str(config) for config in configs if not config.is_file() or task_of(["-c", str(config)]) != "lm"]
+    if not_lm:
+        parser.error(f"decoding is for language-model configs (task: lm) that exist; not: {not_lm}")
     tune_cpu_allocator()
     torch.manual_seed(0)
     block_size = max(args.contexts) + args.steps + 1
@@ -72,22 +77,22 @@ def main() -> None:
         task = progress.add_task("decoding", total=len(configs) * len(args.contexts))
         for config in configs:
             model = build_from_config(config, block_size=block_size)
-            batch = math.lcm(args.batch, ModelSubject(model).batch_multiple)
+            batch = round_up(args.batch, required_batch_multiple(model))
             ids = torch.randint(0, model.vocab_size, (batch, block_size))
             for context in args.contexts:
                 step = cached_step_seconds(model, ids, context, args.steps)
                 full = full_forward_seconds(model, ids, context, args.repeats)
                 rows.append({"config": config.stem, "batch": batch, "context": context,
-                             "cached_ms_per_token": 1e3 * step, "recompute_ms_per_token": 1e3 * full,
+                             "cached_ms_per_step": 1e3 * step, "recompute_ms_per_step": 1e3 * full,
                              "speedup": full / step})
                 progress.advance(task)
 
-    table = Table(title=f"decoding per token, fp32, {torch.get_num_threads()} threads", box=box.MARKDOWN)
-    for column in ("config", "batch", "context", "cached ms/token", "recompute ms/token", "cache speed-up"):
+    table = Table(title=f"decoding steps (one token per row), fp32, {torch.get_num_threads()} threads", box=box.MARKDOWN)
+    for column in ("config", "batch", "context", "cached ms/step", "recompute ms/step", "cache speed-up"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["config"], str(row["batch"]), str(row["context"]), f"{row['cached_ms_per_token']:.2f}",
-                      f"{row['recompute_ms_per_token']:.2f}", f"{row['speedup']:.1f}x")
+        table.add_row(row["config"], str(row["batch"]), str(row["context"]), f"{row['cached_ms_per_step']:.2f}",
+                      f"{row['recompute_ms_per_step']:.2f}", f"{row['speedup']:.1f}x")
     Console(width=200).print(table)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -57,8 +57,14 @@ def test_bench_decode_reports_cached_and_recomputed_time_per_context(tmp_path):
     printed = run_script("bench_decode.py", *args, cache_dir=tmp_path)
     rows = json.loads(out.read_text())
     assert [(row["config"], row["context"]) for row in rows] == [("dense", 8), ("dense", 16), ("top2", 8), ("top2", 16)]
-    assert all(row["speedup"] == row["recompute_ms_per_token"] / row["cached_ms_per_token"] for row in rows)
+    assert all(row["speedup"] == row["recompute_ms_per_step"] / row["cached_ms_per_step"] for row in rows)
     assert "cache speed-up" in printed
+
+
+def test_bench_decode_refuses_an_image_classifier_config():
+    result = subprocess.run([sys.executable, str(REPO / "scripts/bench_decode.py"), "-c", "configs/vit/dense.yaml"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and "decoding is for language-model configs" in result.stderr
 
 
 def test_bench_vit_compares_soft_moe_with_dense(tmp_path):
