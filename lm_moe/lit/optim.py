@@ -3,6 +3,7 @@
 import math
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_warn
 import torch
 from torch import nn
 
@@ -93,13 +94,19 @@ def configure_adamw(module: pl.LightningModule) -> dict:
     """`build_adamw_with_schedule` for `module.model` from the module's hyper-parameters
     (learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio), over the trainer's steps."""
     hp = module.hparams
+    total_steps = int(module.trainer.estimated_stepping_batches)
+    if hp.warmup_steps >= total_steps:
+        rank_zero_warn(
+            f"warmup_steps={hp.warmup_steps} is not shorter than the run's {total_steps} steps: the learning rate "
+            f"never reaches learning_rate={hp.learning_rate} (set model.warmup_steps lower for a short run)"
+        )
     return build_adamw_with_schedule(
         module.model,
         learning_rate=hp.learning_rate,
         weight_decay=hp.weight_decay,
         betas=tuple(hp.betas),
         warmup_steps=hp.warmup_steps,
-        total_steps=int(module.trainer.estimated_stepping_batches),
+        total_steps=total_steps,
         min_lr_ratio=hp.min_lr_ratio,
         grad_scaler=uses_grad_scaler(module.trainer),
     )

@@ -429,6 +429,12 @@ def test_mixture_of_tokens_evaluates_and_predicts_a_short_last_batch(tmp_path, m
     assert len(records) == blocks
 
 
+def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match=r"warmup_steps=2 is not shorter than the run's 2 steps.*never reaches"):
+        fit(REPO / "configs/lm/dense.yaml", tmp_path / "cache", steps=2)
+
+
 def test_unigram_baseline_is_measured_on_the_batches_val_loss_covers(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = fit(REPO / "configs/lm/dense.yaml", tmp_path / "cache", steps=2)  # validation: the first 2 batches of 4
