@@ -25,7 +25,7 @@ autocast on the CPU or CUDA, the weights staying fp32.
 
 Writes to --out: results.csv and results.json (one row per variant and setting), table.md (the
 markdown table, also printed) and chart.png (decoding tokens/s against the context per batch size,
-one line per variant; images/s against the batch for ViTs). --trace also writes trace_<variant>.json:
+one line per variant; images/s against the batch for ViTs). --trace also writes, for each language model, trace_<variant>.json:
 a torch.profiler trace of one decoding step (first batch size, largest context); open it in
 chrome://tracing or drag it onto https://ui.perfetto.dev.
 """
@@ -82,8 +82,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--warmup", type=int, default=1, help="untimed repeats before the timed ones")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (medians are reported)")
     parser.add_argument("--trace", action="store_true",
-                        help="also write trace_<variant>.json, a torch.profiler trace of one decoding step "
-                             "(open in chrome://tracing or https://ui.perfetto.dev)")
+                        help="also write trace_<variant>.json, a torch.profiler trace of one decoding step, for "
+                             "each language model (a ViT has no decoding step; open the file in chrome://tracing "
+                             "or https://ui.perfetto.dev)")
     parser.add_argument("--out", type=Path, default=Path("results/inference"), help="folder for the results")
     args, overrides = parser.parse_known_args(argv)
     if overrides and not args.config:
