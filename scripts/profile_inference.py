@@ -25,9 +25,9 @@ autocast on the CPU or CUDA, the weights staying fp32.
 
 Writes to --out: results.csv and results.json (one row per variant and setting), table.md (the
 markdown table, also printed) and chart.png (decoding tokens/s against the context per batch size,
-one line per variant; images/s against the batch for ViTs). --trace also writes, for each language model, trace_<variant>.json:
-a torch.profiler trace of one decoding step (first batch size, largest context); open it in
-chrome://tracing or drag it onto https://ui.perfetto.dev.
+one line per variant; images/s against the batch for ViTs). --trace also writes, for each
+language model, trace_<variant>.json: a torch.profiler trace of one decoding step (first batch
+size, largest context); open it in chrome://tracing or drag it onto https://ui.perfetto.dev.
 """
 
 import argparse
