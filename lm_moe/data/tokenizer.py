@@ -48,8 +48,8 @@ class Tokenizer:
 
 
 def available_encodings() -> list[str]:
-    """Encoding names `load_encoding` accepts."""
-    return sorted(set(tiktoken.list_encoding_names()) | set(_OFFLINE_ALIASES))
+    """Encoding names `load_encoding` accepts (the bundled copies go by the names they stand for)."""
+    return sorted((set(tiktoken.list_encoding_names()) - set(_OFFLINE_ALIASES.values())) | set(_OFFLINE_ALIASES))
 
 
 @functools.lru_cache(maxsize=8)
