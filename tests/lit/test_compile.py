@@ -24,7 +24,7 @@ def test_compiled_training_forward_matches_eager_and_trains(config, tmp_path, mo
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     assert module._forward is not module.model.forward  # the compiled function
-    compiled_loss, _ = module._loss(batch)
+    compiled_loss, _ = module._loss(batch["input_ids"], batch["targets"])
     eager = module.model(batch["input_ids"])
     eager_loss = F.cross_entropy(eager.logits.float().flatten(0, 1), batch["targets"].flatten())
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-4)
