@@ -35,7 +35,8 @@ def reduce_over_ranks(layer_stats: LayerStats, all_reduce_sum: Callable[[torch.T
 
 
 def moe_scalars(layer_stats: LayerStats, prefix: str = "moe") -> dict[str, torch.Tensor]:
-    """Every scalar stat, plus `<vector>_max_min_ratio` for each load vector (1 = balanced)."""
+    """Every scalar stat, plus for each load vector `<vector>_max_min_ratio` (1 = balanced) and
+    `<vector>_idle_fraction`, the share of experts (or slots) that got nothing (a collapse)."""
     scalars = {}
     for block, stats in layer_stats.items():
         for name, value in stats.items():
@@ -45,6 +46,7 @@ def moe_scalars(layer_stats: LayerStats, prefix: str = "moe") -> dict[str, torch
                 # An idle expert makes the ratio infinite; eps keeps the curve plottable.
                 ratio = value.max() / value.min().clamp_min(1e-6)
                 scalars[f"{prefix}/{block}/{name}_max_min_ratio"] = ratio.float()
+                scalars[f"{prefix}/{block}/{name}_idle_fraction"] = (value == 0).float().mean()
     return scalars
 
 

@@ -9,9 +9,15 @@ def test_scalars_histograms_and_load_ratio():
     scalars = moe_scalars(stats)
     assert scalars == {
         "moe/block_1/tokens_per_expert_max_min_ratio": pytest.approx(4.0),
+        "moe/block_1/tokens_per_expert_idle_fraction": 0.0,
         "moe/block_1/router_entropy": pytest.approx(0.5),
     }
     assert set(moe_histograms(stats)) == {"moe/block_1/tokens_per_expert"}
+
+
+def test_idle_experts_are_counted_as_a_fraction():
+    stats = {"block_0": {"tokens_per_expert": torch.tensor([0.0, 6.0, 0.0, 2.0])}}
+    assert moe_scalars(stats)["moe/block_0/tokens_per_expert_idle_fraction"] == 0.5
 
 
 def test_reduction_over_ranks_sums_counts_and_averages_the_rest():
