@@ -86,8 +86,8 @@ def test_tensorboard_holds_loss_perplexity_and_expert_load(trained_top2):
                 "perf/train_tokens_per_sec", "hp_metric"):
         assert tag in tags["scalars"], tag
     for block in ("block_0", "block_1"):
-        for stat in ("tokens_per_expert_max_min_ratio", "tokens_per_expert_idle_fraction", "dropped_fraction", "router_entropy", "load_balance_loss",
-                     "router_z_loss"):
+        for stat in ("tokens_per_expert_max_min_ratio", "tokens_per_expert_idle_fraction", "dropped_fraction",
+                     "router_entropy", "load_balance_loss", "router_z_loss"):
             assert f"moe/{block}/{stat}" in tags["scalars"]
         assert f"moe/{block}/tokens_per_expert" in tags["histograms"]
 
