@@ -15,7 +15,8 @@ class ResumableShuffle(DistributedSampler):
     epoch)`: a run resumed from a checkpoint continues the batch order where it stopped, instead
     of repeating the first batches of the epoch and never reaching its last ones. (Lightning's
     own epoch count cannot be trusted for this: it counts an epoch that max_steps cut short as
-    done, so set_epoch is ignored.) Being a DistributedSampler, Lightning keeps it under DDP
+    done, so set_epoch is ignored. Nor can its step count: with gradient accumulation it also
+    steps on an epoch's leftover batches.) Being a DistributedSampler, Lightning keeps it under DDP
     rather than swapping in its own, whose shuffle ignores the data module's seed.
     Without `batches_done`, pass k is epoch k from its start.
     """
@@ -30,6 +31,11 @@ class ResumableShuffle(DistributedSampler):
             seed=seed,
             drop_last=True,
         )
+        if self.num_samples < batch_size:
+            raise ValueError(
+                f"each of the {self.num_replicas} data-parallel rank(s) gets {self.num_samples} training examples, "
+                f"fewer than batch_size={batch_size}: no full batch"
+            )
         self.batch_size = batch_size
         self.batches_done = batches_done
         self._passes = 0
@@ -38,7 +44,7 @@ class ResumableShuffle(DistributedSampler):
         """Ignored: the epoch follows from the batches trained (see the class docstring)."""
 
     def __iter__(self):
-        batches_per_epoch = max(1, self.num_samples // self.batch_size)
+        batches_per_epoch = self.num_samples // self.batch_size
         done = self._passes * batches_per_epoch if self.batches_done is None else self.batches_done()
         self._passes += 1
         self.epoch, batch = divmod(done, batches_per_epoch)
@@ -47,11 +53,11 @@ class ResumableShuffle(DistributedSampler):
 
 
 def batches_trained(trainer) -> Callable[[], int] | None:
-    """A function giving the batches `trainer` has trained on so far (optimizer steps times
-    gradient accumulation), read when called; None without a trainer."""
+    """A function giving the training batches `trainer` has run so far, in all epochs (restored
+    with the loops from a checkpoint), read when called; None without a trainer."""
     if trainer is None:
         return None
-    return lambda: trainer.global_step * trainer.accumulate_grad_batches
+    return lambda: trainer.fit_loop.epoch_loop.batch_progress.total.processed
 
 
 def training_loader(
