@@ -1,6 +1,7 @@
 """Training callbacks shared by the language model and the image classifier."""
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -51,27 +52,28 @@ class JsonlPredictionWriter(BasePredictionWriter):
     def describe(self, record: dict) -> str:
         raise NotImplementedError
 
-    @staticmethod
-    def _path(trainer) -> Path:
-        # trainer.log_dir broadcasts from rank zero: every rank must ask for it.
-        return Path(trainer.log_dir or trainer.default_root_dir) / "predictions.jsonl"
-
     def on_predict_start(self, trainer, pl_module) -> None:
-        # Each run starts a fresh file: without a logger, every run writes to the same folder.
-        path = self._path(trainer)
-        if trainer.is_global_zero:
-            path.unlink(missing_ok=True)
+        # Found once, on every rank together: trainer.log_dir broadcasts from rank zero, and under
+        # DDP the ranks may get different numbers of batches, so no per-batch collective.
+        self._path = Path(trainer.log_dir or trainer.default_root_dir) / "predictions.jsonl"
+        if trainer.is_global_zero:  # each run starts a fresh file (without a logger, runs share a folder)
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._path.unlink(missing_ok=True)
         trainer.strategy.barrier()  # no rank appends before the old file is gone
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        path = self._path(trainer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as out:
-            for record in self.records(trainer, prediction, batch_indices):
-                out.write(json.dumps(record) + "\n")
-                if self._printed < self.shown:
-                    rank_zero_info(self.describe(record))
-                    self._printed += 1
+        records = self.records(trainer, prediction, batch_indices)
+        # One write of the whole batch on an O_APPEND descriptor: the ranks' batches do not interleave.
+        data = "".join(json.dumps(record) + "\n" for record in records).encode("utf-8")
+        descriptor = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            while data:
+                data = data[os.write(descriptor, data) :]
+        finally:
+            os.close(descriptor)
+        for record in records[: max(0, self.shown - self._printed)]:
+            rank_zero_info(self.describe(record))
+            self._printed += 1
 
 
 class TextPredictionWriter(JsonlPredictionWriter):

@@ -46,6 +46,18 @@ def test_two_process_ddp_fit_completes_and_resumes_in_one_process(config, tmp_pa
         # 2 ranks x batch 4 x 32 tokens x top-2 routing choices
         assert histogram.sum == 2 * 4 * 32 * 2
 
+        # Predict under DDP with an odd number of prompts, one per batch: the ranks get different
+        # numbers of batches, and every prompt is written once.
+        run_cli(tmp_path, "predict", "-c", str(run_dir / "config.yaml"), "-c", str(REPO / "configs/trainer/cpu_ddp.yaml"),
+                f"--ckpt_path={run_dir}/checkpoints/last.ckpt", "--data.batch_size=1", "--data.val_fraction=0.1",
+                "--model.sampling.prompt_tokens=4", "--model.sampling.new_tokens=2", "--trainer.logger=false",
+                f"--trainer.default_root_dir={tmp_path}/predict")
+        built = cli.main(["-c", config_path, *tiny_args(cache), "--data.val_fraction=0.1"], run=False)
+        built.datamodule.setup("predict")
+        prompts = len(built.datamodule.val_set)
+        assert prompts % 2 == 1  # the case under test
+        assert len((tmp_path / "predict" / "predictions.jsonl").read_text().splitlines()) == prompts
+
     # The DDP checkpoint resumes in a single process (a different world size).
     resumed = cli.main(["fit", "-c", config_path, *tiny_args(cache, steps=6), f"--ckpt_path={run_dir}/checkpoints/last.ckpt",
                         f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}/runs"])
