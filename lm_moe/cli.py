@@ -40,23 +40,32 @@ def newest_last_checkpoint(logger_root: Path) -> Path:
     return candidates[-1]
 
 
-def newest_best_checkpoint(logger_root: Path) -> Path:
-    """The best checkpoint (by the monitored metric) of the newest run version under `logger_root`,
-    as that run's last.ckpt records it. (Lightning resolves `best` only within the process that
-    trained, so from a new command it failed with "not configured to save the best model".)"""
-    last = newest_last_checkpoint(logger_root)
-    states = read_checkpoint(last).get("callbacks", {}).values()
-    best = next((state["best_model_path"] for state in states if state.get("best_model_path")), None)
-    if best is None or not Path(best).is_file():
-        raise FileNotFoundError(f"--ckpt_path best: {last} records no best checkpoint that exists (found {best!r})")
-    return Path(best)
+def best_checkpoint(logger_root: Path, mode: str) -> Path:
+    """The checkpoint with the best monitored score (`mode` "min" or "max") among every run version
+    under `logger_root`, last.ckpt aside: each records its own score when it is written. (Lightning
+    resolves `best` only within the process that trained, and a resumed run starts its own best
+    afresh in its new version folder.)"""
+    scored = []
+    for path in logger_root.glob("version_*/checkpoints/*.ckpt"):
+        if path.stem.startswith("last"):
+            continue
+        states = read_checkpoint(path).get("callbacks", {}).values()
+        score = next((state["current_score"] for state in states if state.get("current_score") is not None), None)
+        if score is not None:
+            scored.append((float(score), path))
+    if not scored:
+        raise FileNotFoundError(
+            f"--ckpt_path best: no checkpoint with a monitored score under {logger_root}/version_*/checkpoints/; "
+            "train first (with validation), or give the checkpoint's path"
+        )
+    return (min if mode == "min" else max)(scored)[1]
 
 
 def logger_root(logger_config) -> Path:
     """runs/<name> of the configured TensorBoardLogger, where its run versions live."""
     init_args = getattr(logger_config, "init_args", None)
     if init_args is None or "save_dir" not in init_args or "name" not in init_args:
-        raise ValueError("--ckpt_path last needs a TensorBoardLogger with save_dir and name to find the newest run")
+        raise ValueError("--ckpt_path last or best needs a TensorBoardLogger with save_dir and name to find the run")
     return Path(init_args.save_dir) / init_args.name
 
 
@@ -95,7 +104,7 @@ class LmMoeCLI(LightningCLI):
         if ckpt_path == "last":
             config.ckpt_path = str(newest_last_checkpoint(logger_root(config.trainer.logger)))
         elif ckpt_path == "best":
-            config.ckpt_path = str(newest_best_checkpoint(logger_root(config.trainer.logger)))
+            config.ckpt_path = str(best_checkpoint(logger_root(config.trainer.logger), config.checkpoint.mode))
         elif ckpt_path is not None and ckpt_path not in LIGHTNING_CHECKPOINT_NAMES and not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"--ckpt_path: no checkpoint file at {ckpt_path!r}")
 

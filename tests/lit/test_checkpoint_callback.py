@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from lm_moe import cli
 from lm_moe.lit.checkpoints import read_checkpoint
@@ -47,3 +48,22 @@ def test_last_ckpt_is_a_file_of_the_newest_step_and_the_best_stays_as_it_was(tmp
     monkeypatch.chdir(tmp_path)
     checkpoints, _ = fit_top2(tmp_path / "cache", 5, "--checkpoint.mode=max", f"--checkpoint.save_last={save_last}")
     assert step_of(checkpoints / "best-2.ckpt") == 2 and step_of(checkpoints / "last.ckpt") == 5
+
+
+def test_ckpt_path_best_is_the_best_score_over_every_version_of_the_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # mode=max on a falling loss: step 2 of version 0 is the best; version 1, resumed, still
+    # writes its own first validation (step 6) as its best.
+    fit_top2(tmp_path / "cache", 4, "--checkpoint.mode=max")
+    resumed, _ = fit_top2(tmp_path / "cache", 8, "--checkpoint.mode=max", "--ckpt_path=last")
+    assert [path.name for path in resumed.glob("best-*.ckpt")] == ["best-6.ckpt"]
+    config = str(resumed.parent / "config.yaml")
+    result = cli.main(["validate", "-c", config, "--ckpt_path=best"])
+    assert Path(result.trainer.ckpt_path).resolve() == (tmp_path / "runs/top2/version_0/checkpoints/best-2.ckpt").resolve()
+    assert torch.isfinite(result.trainer.callback_metrics["val/loss"])
+
+
+def test_ckpt_path_best_without_a_scored_checkpoint_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="--ckpt_path best: no checkpoint with a monitored score"):
+        cli.main(["validate", "-c", str(REPO / "configs/lm/top2.yaml"), "--ckpt_path=best"])

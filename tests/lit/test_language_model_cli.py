@@ -395,17 +395,6 @@ def test_validate_and_test_a_checkpoint(trained_top2, monkeypatch, subcommand, k
     assert torch.isfinite(loss) and result.trainer.callback_metrics[key.replace("loss", "ppl")] == pytest.approx(torch.exp(loss).item(), rel=1e-5)
 
 
-def test_ckpt_path_best_is_the_best_checkpoint_of_the_newest_run(trained_top2, monkeypatch):
-    work, _ = trained_top2
-    monkeypatch.chdir(work)
-    newest = max(Path("runs/top2").glob("version_*/checkpoints/last.ckpt"), key=lambda path: path.stat().st_mtime)
-    bests = list(newest.parent.glob("best-*.ckpt"))
-    assert len(bests) == 1  # save_top_k: 1
-    result = cli.main(["validate", "-c", str(work / "runs/top2/version_0/config.yaml"), "--ckpt_path=best"])
-    assert Path(result.trainer.ckpt_path).resolve() == bests[0].resolve()
-    assert torch.isfinite(result.trainer.callback_metrics["val/loss"])
-
-
 def test_the_cli_called_from_code_ignores_the_callers_own_argv_without_warning(tmp_path, monkeypatch, recwarn):
     monkeypatch.setattr("sys.argv", ["some_script.py", "--its-own-flag"])
     built = cli.main(["-c", str(LM_CONFIGS[0]), *tiny_args(tmp_path)], run=False)
