@@ -38,9 +38,9 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lm_moe.causality.subjects import ModelSubject
 from lm_moe.cli import task_of
 from lm_moe.cpu_allocator import tune_cpu_allocator
+from lm_moe.layers.mixture_of_tokens import required_batch_multiple
 from lm_moe.profiling.charts import Panel, draw
 from lm_moe.profiling.inference import DTYPES, measure_decoding, measure_images, round_up, trace_decoding_step
 from lm_moe.profiling.models import build_from_config, load_checkpoint, variant_names
@@ -124,7 +124,7 @@ def variants(args: argparse.Namespace, overrides: list[str]) -> list[tuple[str, 
 def language_model_rows(model, args, device: torch.device, on_setting) -> list[dict]:
     """One row per requested batch size and context. Mixture of Tokens decodes whole groups: its batch
     is rounded up to a multiple of the group size, and batch sizes that round alike share one measurement."""
-    multiple = ModelSubject(model).batch_multiple
+    multiple = required_batch_multiple(model)
     measured: dict[tuple[int, int], dict] = {}
     rows = []
     for requested in args.batch_sizes:
@@ -170,7 +170,7 @@ def trace(model, name: str, args, device: torch.device) -> str | None:
     contexts = [context for context in args.contexts if context + 1 <= model.block_size]
     if not contexts:
         return None
-    batch = round_up(args.batch_sizes[0], ModelSubject(model).batch_multiple)
+    batch = round_up(args.batch_sizes[0], required_batch_multiple(model))
     path = args.out / f"trace_{name}.json"
     trace_decoding_step(model, batch, max(contexts), device, args.dtype, path)
     return path.name

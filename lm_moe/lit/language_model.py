@@ -138,8 +138,7 @@ class LanguageModel(pl.LightningModule):
 
     def on_predict_start(self) -> None:
         self.check_predict_settings()
-        sampling = self.sampling
-        self._sampling_generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        self._sampling_generator = torch.Generator(device=self.device).manual_seed(self.sampling.seed)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         sampling = self.sampling

@@ -3,8 +3,8 @@
 import math
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_warn
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
 from lm_moe.argument_checks import (

@@ -27,6 +27,7 @@ import torch
 
 from lm_moe.causality.checks import Checker, CheckSettings
 from lm_moe.causality.subjects import ModelSubject
+from lm_moe.layers.mixture_of_tokens import required_batch_multiple
 from lm_moe.lit.checkpoints import read_checkpoint
 from lm_moe.profiling.inference import measure_decoding, round_up
 from lm_moe.profiling.model_cost import parameter_counts
@@ -178,7 +179,7 @@ def evaluate(variant: Variant, evaluation: EvaluationSettings) -> dict:
     model = load_checkpoint(last_checkpoint(variant.run_dir))
     result = parameter_counts(model)
     # Decoding: a prompt of half the context, then cached steps to its end, on the CPU in fp32.
-    batch = round_up(evaluation.decode_batch, ModelSubject(model).batch_multiple)
+    batch = round_up(evaluation.decode_batch, required_batch_multiple(model))
     context = model.block_size // 2
     new_tokens = model.block_size - context
     result["decode_setting"] = f"batch {batch}, context {context} + {new_tokens} new tokens"
