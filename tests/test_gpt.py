@@ -10,6 +10,7 @@ from torch import nn
 from lm_moe.layers.attention import apply_rotary, rotary_cos_sin
 from lm_moe.layers.ffn import DenseFFN
 from lm_moe.layers.layer_output import LayerAux
+from lm_moe.layers.mixture_of_tokens import MixtureOfTokens
 from lm_moe.layers.soft_moe import SoftMoE
 from lm_moe.layers.sparse_moe import TopKMoE
 from lm_moe.models import GPT, generate
@@ -228,6 +229,15 @@ def test_greedy_generation_matches_full_forward_rollout(positions, ffn):
     assert out.shape == (2, 14) and torch.equal(out[:, :4], prompt)
     assert torch.equal(out, generate(model, prompt, max_new_tokens=10, temperature=0))
     assert torch.equal(out, greedy_rollout(model, prompt, 10))
+
+
+def test_generation_fills_mixture_of_tokens_groups_and_returns_the_real_rows():
+    model = make_model(ffn=partial(MixtureOfTokens, hidden_dim=8, num_experts=2, group_size=4))
+    prompt = random_ids(batch=3, length=4)
+    out = generate(model, prompt, max_new_tokens=6, temperature=0)
+    assert out.shape == (3, 10)
+    # The fourth row of the group is a copy of the first, as fill_groups adds it.
+    assert torch.equal(out, greedy_rollout(model, torch.cat([prompt, prompt[:1]]), 6)[:3])
 
 
 def test_top_k_1_and_tiny_top_p_equal_greedy():

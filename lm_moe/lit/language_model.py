@@ -145,13 +145,13 @@ class LanguageModel(pl.LightningModule):
         prompt = batch["input_ids"][:, : sampling.prompt_tokens]  # [B, P]
         tokens = generate(
             self.model,
-            fill_groups(prompt, self.batch_multiple),
+            prompt,
             sampling.new_tokens,
             temperature=sampling.temperature,
             top_k=sampling.top_k,
             top_p=sampling.top_p,
             generator=self._sampling_generator,
-        )[: prompt.shape[0]]  # [B, P + new]
+        )  # [B, P + new]
         return {"prompt_ids": prompt, "generated_ids": tokens[:, prompt.shape[1] :]}
 
     def configure_optimizers(self) -> dict:

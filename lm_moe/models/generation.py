@@ -8,6 +8,7 @@ from lm_moe.argument_checks import (
     require_number,
     require_positive_int,
 )
+from lm_moe.layers.mixture_of_tokens import fill_groups, required_batch_multiple
 from lm_moe.models.gpt import GPT
 
 
@@ -61,6 +62,8 @@ def generate(
     The whole result must fit in the context: T0 + max_new_tokens <= model.block_size. With eos_id,
     a row that produced eos continues with eos, and generation stops once every row has produced it.
     Runs in inference mode and eval mode; the model's train/eval state is restored afterwards.
+    A model that mixes rows in groups (Mixture of Tokens) decodes B rounded up to whole groups, the
+    added rows copies of the first ones (see fill_groups); only the B real rows are returned.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must have shape [B, T0] with T0 >= 1, got {tuple(input_ids.shape)}")
@@ -78,19 +81,20 @@ def generate(
         with torch.inference_mode():
             if max_new_tokens == 0:
                 return input_ids.clone()
-            tokens = [input_ids]
-            cache = model.new_cache(B)
-            logits = model(input_ids, cache=cache).logits[:, -1]  # [B, V]
-            finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)  # [B]
+            filled = fill_groups(input_ids, required_batch_multiple(model))  # [B', T0]
+            tokens = [filled]
+            cache = model.new_cache(filled.shape[0])
+            logits = model(filled, cache=cache).logits[:, -1]  # [B', V]
+            finished = torch.zeros(filled.shape[0], dtype=torch.bool, device=input_ids.device)  # [B']
             for step in range(max_new_tokens):
-                next_ids = sample_next(logits, temperature, top_k, top_p, generator)  # [B]
+                next_ids = sample_next(logits, temperature, top_k, top_p, generator)  # [B']
                 if eos_id is not None:
                     next_ids = next_ids.masked_fill(finished, eos_id)
                     finished |= next_ids == eos_id
                 tokens.append(next_ids[:, None])
-                if step == max_new_tokens - 1 or (eos_id is not None and finished.all()):
+                if step == max_new_tokens - 1 or (eos_id is not None and finished[:B].all()):
                     break
-                logits = model(next_ids[:, None], cache=cache).logits[:, -1]  # [B, V]
-            return torch.cat(tokens, dim=1)  # [B, T0 + n]
+                logits = model(next_ids[:, None], cache=cache).logits[:, -1]  # [B', V]
+            return torch.cat(tokens, dim=1)[:B]  # [B, T0 + n]
     finally:
         model.train(was_training)
