@@ -70,6 +70,7 @@ class CumulativeSoftMoE(nn.Module):
     """
 
     is_causal = True  # position t pools positions <= t only
+    no_weight_decay = ("slot_embeddings",)  # normalised before use (see adamw_param_groups)
 
     def __init__(
         self,

@@ -72,6 +72,8 @@ class LaggedChunkSoftMoE(nn.Module):
     """
 
     is_causal = True  # chunk k reads summaries of chunks < k only
+    # Slot embeddings are normalised before use (see adamw_param_groups); the null outputs are a bias.
+    no_weight_decay = ("slot_embeddings", "null_outputs")
 
     def __init__(
         self,

@@ -54,6 +54,7 @@ class MixtureOfTokens(nn.Module):
     """
 
     is_causal = True  # position t mixes only tokens at position t
+    no_weight_decay = ("slot_embeddings",)  # normalised before use (see adamw_param_groups)
     per_example_deterministic = False  # ... of the other rows of its group
 
     def __init__(

@@ -67,6 +67,7 @@ class SoftMoE(nn.Module):
     """
 
     is_causal = False  # every slot pools the whole sequence
+    no_weight_decay = ("slot_embeddings",)  # normalised before use (see adamw_param_groups)
 
     def __init__(
         self,

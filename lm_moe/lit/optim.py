@@ -33,13 +33,16 @@ def check_adamw_settings(
 
 def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices and stacked expert weights only: not on norms, biases, scalar
-    scales or embeddings (decaying an embedding pulls rare tokens to zero)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    scales or embeddings (decaying an embedding pulls rare tokens to zero), nor on the parameters
+    a module names in its `no_weight_decay` attribute (Soft MoE's slot embeddings are normalised
+    before use: decay would only shrink them, and so raise their effective step size)."""
+    exempt = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    exempt |= {id(getattr(m, name)) for m in model.modules() for name in getattr(m, "no_weight_decay", ())}
     decay, no_decay = [], []
     for parameter in model.parameters():
         if not parameter.requires_grad:
             continue
-        if parameter.dim() >= 2 and id(parameter) not in embeddings:
+        if parameter.dim() >= 2 and id(parameter) not in exempt:
             decay.append(parameter)
         else:
             no_decay.append(parameter)

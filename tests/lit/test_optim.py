@@ -7,6 +7,7 @@ import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import nn
 
+from lm_moe.layers import CumulativeSoftMoE, LaggedChunkSoftMoE, MixtureOfTokens, SoftMoE
 from lm_moe.lit.image_classifier import ImageClassifier
 from lm_moe.lit.language_model import LanguageModel
 from lm_moe.lit.optim import adamw_param_groups, build_adamw_with_schedule, check_adamw_settings, uses_grad_scaler
@@ -106,3 +107,18 @@ def test_weight_decay_groups_are_named_and_spare_norms_biases_and_embeddings():
     assert (decay["name"], decay["weight_decay"], no_decay["name"], no_decay["weight_decay"]) == ("decay", 0.1, "no_decay", 0.0)
     assert [p.shape for p in decay["params"]] == [(8, 8)]  # the linear weight alone
     assert sorted(p.numel() for p in no_decay["params"]) == [8, 8, 8, 80]  # bias, norm weight and bias, embedding
+
+
+def test_soft_moe_slot_embeddings_and_null_outputs_are_not_decayed():
+    layers = nn.ModuleList([
+        SoftMoE(8, 16, 2),
+        CumulativeSoftMoE(8, 16, 2),
+        LaggedChunkSoftMoE(8, 16, 2, chunk_size=4),
+        MixtureOfTokens(8, 16, 2, group_size=2),
+    ])
+    decay, no_decay = adamw_param_groups(layers, 0.1)
+    exempt = {id(layer.slot_embeddings) for layer in layers} | {id(layers[2].null_outputs)}
+    assert exempt <= {id(p) for p in no_decay["params"]}
+    # Everything else of two or more dimensions is decayed: the stacked expert (and shared expert) weights.
+    experts = {id(p) for name, p in layers.named_parameters() if name.endswith(("w_in", "w_out"))}
+    assert {id(p) for p in decay["params"]} == experts
