@@ -122,7 +122,9 @@ class SoftMoE(nn.Module):
         """Routing health from the logits [B, T, S] (and those with padding masked out) and
         their two softmaxes."""
         valid = None if mask is None else mask.reshape(-1)  # [B*T]
+        rows = None if mask is None else mask.any(dim=1)  # [B]: a fully padded row has no dispatch to measure
+        dispatch_entropy = softmax_entropy(dispatch, dispatch_logits, dim=1).mean(dim=-1)  # [B], mean over slots
         return {
-            "dispatch_entropy": softmax_entropy(dispatch, dispatch_logits, dim=1).mean().float(),
+            "dispatch_entropy": masked_mean(dispatch_entropy, rows).float(),
             **combine_stats(logits, combine, valid),
         }

@@ -9,8 +9,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
-# Stats that are a vector per expert or slot: logged as histograms plus a max/min load ratio.
-_LOAD_VECTORS = ("tokens_per_expert", "slot_usage")
+# A stat with one value per expert or slot (any stat that is not a scalar) is a load vector:
+# logged as a histogram plus a max/min load ratio and an idle fraction.
 # Counts add up over data-parallel ranks; every other stat (entropies, fractions, losses) is averaged.
 _SUMMED_STATS = ("tokens_per_expert",)
 
@@ -42,7 +42,7 @@ def moe_scalars(layer_stats: LayerStats, prefix: str = "moe") -> dict[str, torch
         for name, value in stats.items():
             if value.dim() == 0:
                 scalars[f"{prefix}/{block}/{name}"] = value.float()
-            elif name in _LOAD_VECTORS:
+            else:
                 # An idle expert makes the ratio infinite; eps keeps the curve plottable.
                 ratio = value.max() / value.min().clamp_min(1e-6)
                 scalars[f"{prefix}/{block}/{name}_max_min_ratio"] = ratio.float()
@@ -56,7 +56,7 @@ def moe_histograms(layer_stats: LayerStats, prefix: str = "moe") -> dict[str, to
         f"{prefix}/{block}/{name}": value.float()
         for block, stats in layer_stats.items()
         for name, value in stats.items()
-        if name in _LOAD_VECTORS
+        if value.dim() > 0
     }
 
 

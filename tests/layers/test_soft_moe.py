@@ -85,14 +85,15 @@ def test_stats_describe_the_routing():
 
 def test_entropy_stats_equal_those_of_the_paper_softmaxes_with_padding():
     layer = make_soft_moe(num_experts=4, slots_per_expert=2)
-    x = torch.randn(2, 6, 8, dtype=torch.float64)
-    mask = torch.ones(2, 6, dtype=torch.bool)
+    x = torch.randn(3, 6, 8, dtype=torch.float64)
+    mask = torch.ones(3, 6, dtype=torch.bool)
     mask[1, 3:] = False
+    mask[2] = False  # a row of padding alone dispatches nothing: it is left out of the mean
     _, aux = layer(x, mask)
     logits = F.normalize(x, dim=-1) @ (layer.scale * F.normalize(layer.slot_embeddings, dim=0))  # [B, T, S]
     dispatch_entropy = torch.stack(
         [entropy(logits[b, mask[b]].softmax(dim=0), dim=0) for b in range(2)]
-    )  # [B, S], each row's slots over its real tokens
+    )  # [2, S], each real row's slots over its real tokens
     combine_entropy = entropy(logits[mask].softmax(dim=-1), dim=-1)  # [real tokens]
     assert aux.stats["dispatch_entropy"].item() == pytest.approx(dispatch_entropy.mean().item(), rel=1e-6)
     assert aux.stats["combine_entropy"].item() == pytest.approx(combine_entropy.mean().item(), rel=1e-6)

@@ -15,6 +15,12 @@ def test_scalars_histograms_and_load_ratio():
     assert set(moe_histograms(stats)) == {"moe/block_1/tokens_per_expert"}
 
 
+def test_every_vector_stat_is_a_load_vector():
+    stats = {"block_0": {"expert_weights": torch.tensor([0.25, 0.75]), "expert_weight_spread": torch.tensor(0.5)}}
+    assert set(moe_histograms(stats)) == {"moe/block_0/expert_weights"}
+    assert moe_scalars(stats)["moe/block_0/expert_weights_max_min_ratio"] == pytest.approx(3.0)
+
+
 def test_idle_experts_are_counted_as_a_fraction():
     stats = {"block_0": {"tokens_per_expert": torch.tensor([0.0, 6.0, 0.0, 2.0])}}
     assert moe_scalars(stats)["moe/block_0/tokens_per_expert_idle_fraction"] == 0.5
