@@ -13,10 +13,16 @@ import pytest
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 
-from lm_moe.profiling.comparison import SweepSettings, failure_reason, fit_command, require_same_settings
+from lm_moe.profiling.comparison import (
+    SweepSettings,
+    batches_per_step,
+    failure_reason,
+    fit_command,
+    require_same_settings,
+)
 from lm_moe.profiling.model_cost import parameter_counts
 from lm_moe.profiling.models import build_from_config
-from lm_moe.profiling.training_curves import curve, median_scalar
+from lm_moe.profiling.training_curves import curve, median_scalar, tokens_per_step
 
 REPO = Path(__file__).resolve().parents[1]
 LM_CONFIGS = sorted((REPO / "configs/lm").glob("*.yaml"))
@@ -63,6 +69,27 @@ def test_median_of_a_logged_scalar_over_versions_leaves_warm_up_steps_out(tmp_pa
     assert median_scalar(run, "perf/train_tokens_per_sec") == 30.0  # of 100, 10, 20, 30, 40
     assert median_scalar(run, "perf/train_tokens_per_sec", from_step=1) == 25.0  # of 10, 20, 30, 40
     assert median_scalar(run, "val/loss") is None
+
+
+def test_tokens_per_step_count_accumulated_batches_and_processes(tmp_path):
+    config = {"data": {"batch_size": 16, "block_size": 128},
+              "trainer": {"devices": [0, 1], "num_nodes": 2, "accumulate_grad_batches": 4}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert tokens_per_step(tmp_path) == 16 * 128 * 4 * 4
+
+
+def test_a_sweep_with_gradient_accumulation_validates_every_val_every_optimizer_steps(tmp_path):
+    preset = tmp_path / "accumulating.yaml"
+    preset.write_text(yaml.safe_dump({"trainer": {"accumulate_grad_batches": 3}}))
+    config = REPO / "configs/lm/dense.yaml"
+    settings = SweepSettings(str(preset), max_steps=20, val_every=5, seed=0)
+    assert batches_per_step(config, settings) == 3
+    assert "--trainer.val_check_interval=15" in fit_command(config, tmp_path / "dense", settings, 3)
+    # An override after the preset wins, as in the fit.
+    overridden = SweepSettings(str(preset), 20, 5, 0, ("--trainer.accumulate_grad_batches=2",))
+    assert batches_per_step(config, overridden) == 2
+    plain = SweepSettings(str(REPO / "configs/trainer/cpu_quick.yaml"), 20, 5, 0)
+    assert batches_per_step(config, plain) == 1
 
 
 def test_failure_reason_is_the_error_line():

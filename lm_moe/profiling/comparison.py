@@ -31,7 +31,7 @@ from lm_moe.layers.mixture_of_tokens import required_batch_multiple
 from lm_moe.lit.checkpoints import read_checkpoint
 from lm_moe.profiling.inference import measure_decoding, round_up
 from lm_moe.profiling.model_cost import parameter_counts
-from lm_moe.profiling.models import load_checkpoint
+from lm_moe.profiling.models import load_checkpoint, resolved_config
 from lm_moe.profiling.training_curves import StepWatcher, versions
 
 POLL_SECONDS = 5.0  # how often the progress display looks at a running fit's logs
@@ -70,14 +70,23 @@ def require_same_settings(out: Path, settings: SweepSettings) -> None:
                          "give another --out, or the same settings to resume it")
 
 
-def fit_command(config: Path, run_dir: Path, settings: SweepSettings) -> list[str]:
-    """The `python -m lm_moe fit` command line of one variant (logs and checkpoints in run_dir)."""
+def batches_per_step(config: Path, settings: SweepSettings) -> int:
+    """The `trainer.accumulate_grad_batches` a variant's fit runs with (its config, the preset,
+    then the overrides)."""
+    resolved = resolved_config(config, ["-c", settings.trainer, *settings.overrides])
+    return int(resolved["trainer"].get("accumulate_grad_batches") or 1)
+
+
+def fit_command(config: Path, run_dir: Path, settings: SweepSettings, batches_per_step: int = 1) -> list[str]:
+    """The `python -m lm_moe fit` command line of one variant (logs and checkpoints in run_dir),
+    which accumulates the gradients of `batches_per_step` batches in each optimizer step."""
     return [
         sys.executable, "-m", "lm_moe", "fit", "-c", str(config), "-c", settings.trainer, *settings.overrides,
         # After the overrides: what makes the variants comparable and the sweep resumable.
         f"--seed_everything={settings.seed}",
         f"--trainer.max_steps={settings.max_steps}",
-        f"--trainer.val_check_interval={settings.val_every}",
+        # Lightning counts this interval in batches, not optimizer steps.
+        f"--trainer.val_check_interval={settings.val_every * batches_per_step}",
         "--trainer.check_val_every_n_epoch=null",  # count the interval in steps across epochs
         "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={run_dir}",
@@ -148,7 +157,11 @@ def train(variant: Variant, settings: SweepSettings, threads: int | None,
     checkpoint = last_checkpoint(variant.run_dir)
     start = checkpoint_step(checkpoint) if checkpoint else 0
     if start < settings.max_steps:
-        command = fit_command(variant.config, variant.run_dir, settings)
+        try:
+            accumulation = batches_per_step(variant.config, settings)
+        except ValueError as error:  # a config the CLI refuses: the fit would fail the same way
+            return TrainingOutcome(False, "failed", str(error))
+        command = fit_command(variant.config, variant.run_dir, settings, accumulation)
         command += ["--ckpt_path", str(checkpoint)] if checkpoint else []
         env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         log = variant.run_dir / f"fit_{len(list(variant.run_dir.glob('fit_*.log'))) + 1}.log"

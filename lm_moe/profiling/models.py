@@ -5,28 +5,46 @@ import contextlib
 import io
 from pathlib import Path
 
+import yaml
 from torch import nn
 
 from lm_moe.lit.checkpoints import checkpoint_task, read_checkpoint
+
+
+def _cli(config: str | Path, args: list[str]):
+    """The CLI on `-c config *args` without running a subcommand (None if it stopped after
+    printing, as --print_config does); a config it refuses raises a ValueError naming it."""
+    from lm_moe import cli  # the CLI pulls in Lightning's trainer machinery: only when needed
+
+    messages = io.StringIO()
+    try:
+        # The CLI reports a bad config on stderr and exits: turn that into an error naming the config.
+        with contextlib.redirect_stderr(messages):
+            return cli.main(["-c", str(config), *args], run=False)
+    except SystemExit as stop:
+        if stop.code == 0:
+            return None
+        errors = [line for line in messages.getvalue().splitlines() if line.startswith("error:")]
+        raise ValueError(f"{config}: {errors[-1] if errors else 'the CLI refused the config'}") from None
 
 
 def build_from_config(config: str | Path, overrides: list[str] = (), block_size: int | None = None) -> nn.Module:
     """The network (GPT or ViT) a config builds, in eval mode. `overrides` are CLI flags such as
     `--model.n_layer=2`; `block_size` (language models) sets `data.block_size`, the longest
     context the model takes, after them."""
-    from lm_moe import cli  # the CLI pulls in Lightning's trainer machinery: only when needed
-
-    args = ["-c", str(config), *overrides, "--trainer.logger=false"]
+    args = [*overrides, "--trainer.logger=false"]
     if block_size is not None:
         args.append(f"--data.block_size={block_size}")
-    messages = io.StringIO()
-    try:
-        # The CLI reports a bad config on stderr and exits: turn that into an error naming the config.
-        with contextlib.redirect_stderr(messages):
-            return cli.main(args, run=False).model.model.eval()
-    except SystemExit:
-        errors = [line for line in messages.getvalue().splitlines() if line.startswith("error:")]
-        raise ValueError(f"{config}: {errors[-1] if errors else 'the CLI refused the config'}") from None
+    return _cli(config, args).model.model.eval()
+
+
+def resolved_config(config: str | Path, overrides: list[str] = ()) -> dict:
+    """The full config `python -m lm_moe fit -c config *overrides` runs with (defaults filled in),
+    read without building anything. `overrides` may hold further `-c` files."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        _cli(config, [*overrides, "--print_config"])
+    return yaml.safe_load(printed.getvalue())
 
 
 def load_checkpoint(path: str | Path) -> nn.Module:

@@ -37,7 +37,8 @@ def _scalars(events: EventAccumulator, tag: str) -> list:
 
 def tokens_per_step(version: Path) -> int:
     """Training tokens per optimizer step from the run's resolved config.yaml: batch size x block
-    size x processes (devices as a count or a list, times nodes; 1 for "auto")."""
+    size x batches accumulated per step x processes (devices as a count or a list, times nodes;
+    1 for "auto")."""
     config = yaml.safe_load((version / "config.yaml").read_text())
     trainer = config.get("trainer", {})
     devices = trainer.get("devices", 1)
@@ -46,7 +47,8 @@ def tokens_per_step(version: Path) -> int:
     elif not isinstance(devices, int) and not str(devices).isdigit():
         devices = 1
     processes = int(devices) * int(trainer.get("num_nodes") or 1)
-    return config["data"]["batch_size"] * config["data"]["block_size"] * processes
+    accumulation = int(trainer.get("accumulate_grad_batches") or 1)
+    return config["data"]["batch_size"] * config["data"]["block_size"] * accumulation * processes
 
 
 @dataclass
