@@ -27,6 +27,12 @@ from lm_moe.lit.interruption import CheckpointOnInterrupt
 
 RUNS_DIR = "runs"
 LIGHTNING_CHECKPOINT_NAMES = ("hpc", "registry")  # --ckpt_path values Lightning resolves itself
+CKPT_PATH_HELP = (
+    "checkpoint to start from (fit: resume its step, optimiser, schedule and batch order). "
+    '"last": the last.ckpt of the newest version of this run (<save_dir>/<name>/version_* of the logger); '
+    '"best": the checkpoint with the best monitored score over every version of this run; '
+    "or a file path (default: null, a fresh run for fit, the model as built otherwise)"
+)
 
 
 def newest_last_checkpoint(logger_root: Path) -> Path:
@@ -91,6 +97,15 @@ class LmMoeCLI(LightningCLI):
 
     linked_arguments: tuple[tuple[str, str], ...] = ()
 
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        """Lightning's subcommand parser, with `--ckpt_path` described as `_parse_ckpt_path`
+        resolves it (Lightning's own text describes its in-process `last` and `best`)."""
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        for action in parser._actions:
+            if action.dest == "ckpt_path":
+                action.help = CKPT_PATH_HELP
+        return parser
+
     def _parse_ckpt_path(self) -> None:
         """Replaces Lightning's step that rebuilds the model from the checkpoint's hyperparameters,
         which would silently override the config: here the config decides what is built, and a
@@ -109,12 +124,16 @@ class LmMoeCLI(LightningCLI):
             raise FileNotFoundError(f"--ckpt_path: no checkpoint file at {ckpt_path!r}")
 
     def before_fit(self) -> None:
-        """Before any data work, refuse a checkpoint that is not one of lm_moe's or does not fit the
-        model this config builds. (The module checks again when Lightning loads it, but only after
-        the data is prepared, which can take minutes for a new corpus.)"""
-        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        """Before any data work, refuse a checkpoint that is not one of lm_moe's, of the other task,
+        or does not fit the model this config builds. (The module checks again when Lightning loads
+        it, but only after the data is prepared, which can take minutes for a new corpus.)"""
+        if self.trainer.logger is None:  # Lightning's learning-rate monitor refuses to start without one
+            self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, LearningRateMonitor)]
+        config = self.config[self.subcommand]
+        ckpt_path = config.get("ckpt_path")
         if ckpt_path is not None and ckpt_path not in LIGHTNING_CHECKPOINT_NAMES:
-            require_matching_state(read_checkpoint(ckpt_path)["state_dict"], self.model.state_dict())
+            checkpoint = read_checkpoint(ckpt_path, task=config.get("task"))  # the other task's: refused as such
+            require_matching_state(checkpoint["state_dict"], self.model.state_dict())
 
     before_validate = before_test = before_fit
 

@@ -167,6 +167,21 @@ def test_a_second_ctrl_c_stops_at_once():
         callback._on_ctrl_c(signal.SIGINT, None)
 
 
+def test_a_run_without_a_logger_trains_and_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fit(REPO / "configs/lm/dense.yaml", tmp_path / "cache", "--trainer.logger=false", "--model.n_layer=1", steps=2)
+    assert sorted(path.name for path in (tmp_path / "runs/checkpoints").iterdir()) == ["best-2.ckpt", "last.ckpt"]
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
+def test_help_describes_ckpt_path_as_resolved_here(subcommand, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([subcommand, "-c", str(REPO / "configs/lm/top2.yaml"), "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert "the checkpoint with the best monitored score over every version of this run" in help_text
+    assert "previous `trainer.fit` call" not in help_text  # Lightning's own description
+
+
 def test_ckpt_path_last_without_a_run_says_so(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="no last.ckpt"):
@@ -310,7 +325,7 @@ def test_sample_refuses_what_is_not_a_checkpoint(tmp_path, bad_file):
         sample.sample(str(tmp_path / bad_file))
 
 
-def test_the_language_model_commands_refuse_an_image_classifier_s_checkpoint(tmp_path):
+def test_the_language_model_commands_refuse_an_image_classifier_s_checkpoint(tmp_path, monkeypatch):
     checkpoint = tmp_path / "vit.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"num_classes": 10, "image_size": 28}}, checkpoint)
     message = r"vit.ckpt' is the checkpoint of an image classifier \(task: vit\); this needs the checkpoint of a language model"
@@ -318,6 +333,9 @@ def test_the_language_model_commands_refuse_an_image_classifier_s_checkpoint(tmp
         sample.sample(str(checkpoint))
     with pytest.raises(ValueError, match=message):
         causality_report.main(["--ckpt_path", str(checkpoint)])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=message):  # named as the other task's, not as another architecture
+        fit(REPO / "configs/lm/top2.yaml", tmp_path / "cache", f"--ckpt_path={checkpoint}")
 
 
 @pytest.mark.parametrize(
