@@ -34,6 +34,7 @@ from lm_moe.profiling.comparison import (
     EvaluationSettings,
     SweepSettings,
     Variant,
+    batches_per_step,
     evaluate,
     require_same_settings,
     train,
@@ -89,13 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     settings = SweepSettings(str(args.trainer.resolve()), args.max_steps, args.val_every, args.seed, tuple(overrides))
     evaluation = EvaluationSettings(args.decode_batch, args.causality_seeds)
     try:
+        # A bad config or override is refused here, not after the variants before it have trained.
+        variants = [Variant(config.stem, config.resolve(), args.out / config.stem, batches_per_step(config, settings))
+                    for config in args.configs]
         require_same_settings(args.out, settings)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    variants = [Variant(config.stem, config.resolve(), args.out / config.stem) for config in args.configs]
     console = Console(width=200)
 
     rows = []

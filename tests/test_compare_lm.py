@@ -112,6 +112,16 @@ def run_compare(out: Path, configs: list[Path], env: dict) -> subprocess.Complet
                           capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
 
 
+def test_compare_lm_refuses_a_bad_override_before_training_anything(tmp_path):
+    out = tmp_path / "out"
+    args = ["--configs", str(REPO / "configs/lm/dense.yaml"), "--max-steps=8", f"--out={out}", "--model.n_layerz=1"]
+    result = subprocess.run([sys.executable, str(REPO / "scripts/compare_lm.py"), *args],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 2
+    assert "dense.yaml: error:" in result.stderr and "--model.n_layerz" in result.stderr
+    assert not out.exists()  # no sweep folder whose recorded settings would refuse the corrected command
+
+
 def event_files(out: Path) -> dict[Path, float]:
     return {path: path.stat().st_mtime for path in out.glob("*/version_*/events.out.tfevents.*")}
 

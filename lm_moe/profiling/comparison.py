@@ -72,7 +72,7 @@ def require_same_settings(out: Path, settings: SweepSettings) -> None:
 
 def batches_per_step(config: Path, settings: SweepSettings) -> int:
     """The `trainer.accumulate_grad_batches` a variant's fit runs with (its config, the preset,
-    then the overrides)."""
+    then the overrides). Reads the config as the fit will: one it refuses raises a ValueError."""
     resolved = resolved_config(config, ["-c", settings.trainer, *settings.overrides])
     return int(resolved["trainer"].get("accumulate_grad_batches") or 1)
 
@@ -129,6 +129,7 @@ class Variant:
     name: str
     config: Path
     run_dir: Path
+    batches_per_step: int = 1  # gradient accumulation of its fit (see the function of that name)
 
     @property
     def trained_marker(self) -> Path:
@@ -157,11 +158,7 @@ def train(variant: Variant, settings: SweepSettings, threads: int | None,
     checkpoint = last_checkpoint(variant.run_dir)
     start = checkpoint_step(checkpoint) if checkpoint else 0
     if start < settings.max_steps:
-        try:
-            accumulation = batches_per_step(variant.config, settings)
-        except ValueError as error:  # a config the CLI refuses: the fit would fail the same way
-            return TrainingOutcome(False, "failed", str(error))
-        command = fit_command(variant.config, variant.run_dir, settings, accumulation)
+        command = fit_command(variant.config, variant.run_dir, settings, variant.batches_per_step)
         command += ["--ckpt_path", str(checkpoint)] if checkpoint else []
         env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         log = variant.run_dir / f"fit_{len(list(variant.run_dir.glob('fit_*.log'))) + 1}.log"
