@@ -55,12 +55,14 @@ def full_forward_seconds(model, ids: torch.Tensor, context: int, repeats: int) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-c", "--config", type=Path, action="append", default=None, help="LM config (repeatable)")
-    parser.add_argument("--contexts", type=int, nargs="+", default=[64, 128, 256, 512])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("-c", "--config", type=Path, action="append", default=None,
+                        help="LM config (repeatable; default: every config under configs/lm/)")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[64, 128, 256, 512],
+                        help="prompt lengths L decoded after (default: 64 128 256 512; the model is built with a context that fits)")
+    parser.add_argument("--batch", type=int, default=4, help="rows decoded side by side (default: 4)")
+    parser.add_argument("--steps", type=int, default=16, help="cached decoding steps timed per context (default: 16)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed full forwards per context, median (default: 3)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
     if min(args.contexts) <= 0 or args.batch <= 0 or args.steps <= 0 or args.repeats <= 0:
         parser.error("--contexts, --batch, --steps and --repeats must be positive")

@@ -48,12 +48,13 @@ def tokens_per_sec(config: Path, trainer: Path, extra: list[str], steps: int, wa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-c", "--config", type=Path, default=REPO / "configs/lm/top2.yaml")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=16, help="per-process batch of the DDP runs")
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("-c", "--config", type=Path, default=REPO / "configs/lm/top2.yaml",
+                        help="LM config (default: configs/lm/top2.yaml)")
+    parser.add_argument("--steps", type=int, default=30, help="training steps per run (default: 30)")
+    parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the median (default: 5)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of every setting, in turns (default: 2)")
+    parser.add_argument("--batch", type=int, default=16, help="per-process batch of the DDP runs (default: 16)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
     if not 0 <= args.warmup < args.steps:
         parser.error(f"--warmup must be in [0, --steps), got {args.warmup} with --steps {args.steps}")

@@ -1,7 +1,11 @@
 """The README's commands stay true: its quickstart is the two commands CI runs, and every command
-it shows for the package parses as written (its configs exist, its options are known)."""
+its code blocks show for the package and its scripts parses as written (its configs exist, its
+options are known)."""
 
+import argparse
+import runpy
 import shlex
+import sys
 import tomllib
 from pathlib import Path
 
@@ -9,6 +13,7 @@ import pytest
 
 from lm_moe import cli, sample
 from lm_moe.causality import report
+from lm_moe.profiling.models import resolved_config
 
 REPO = Path(__file__).resolve().parents[1]
 INSTALL = ["python", "-m", "pip", "install", "-r", "requirements.txt", "-e", "."]
@@ -106,6 +111,49 @@ def test_every_causality_command_parses_and_names_configs_that_exist(args):
     assert all((REPO / config).is_file() for config in options.config)
 
 
+def script_commands() -> list[list[str]]:
+    """`scripts/<name>.py` and its arguments of every `python scripts/...` command (also after a
+    launcher such as `taskset -c 0`)."""
+    found = []
+    for command in COMMANDS:
+        for i, word in enumerate(command[:-1]):
+            if word == "python" and command[i + 1].startswith("scripts/"):
+                found.append(command[i + 1 :])
+    return found
+
+
+class Parsed(Exception):
+    """Raised in place of running a script once its command line parsed."""
+
+
+@pytest.mark.parametrize("command", script_commands(), ids=shlex.join)
+def test_every_script_command_parses(command, monkeypatch):
+    original = argparse.ArgumentParser.parse_known_args
+
+    def parse_args(parser, args=None, namespace=None):
+        namespace, unknown = original(parser, args, namespace)
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        raise Parsed
+
+    overrides = []
+
+    def parse_known_args(parser, args=None, namespace=None):  # the scripts that pass config overrides on
+        overrides.extend(original(parser, args, namespace)[1])
+        raise Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", parse_known_args)
+    script, *args = command
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    with pytest.raises(Parsed):  # a bad option exits with argparse's error instead
+        runpy.run_path(str(REPO / script), run_name="__main__")
+    configs = [arg for arg in args if arg.startswith("configs/")]
+    assert all((REPO / config).is_file() for config in configs)
+    for config in configs or ["configs/lm/dense.yaml"]:  # the overrides parse with the configs they go to
+        resolved_config(REPO / config, overrides)
+
+
 def test_every_pytest_marker_the_readme_selects_is_registered():
     registered = {
         marker.split(":")[0]
@@ -120,3 +168,4 @@ def test_the_readme_shows_commands_of_every_kind():
     # A guard on the parser above: were it to miss the blocks, the tests above would check nothing.
     assert len(module_commands("lm_moe")) >= 10
     assert module_commands("lm_moe.sample") and module_commands("lm_moe.causality")
+    assert {command[0] for command in script_commands()} >= {"scripts/compare_lm.py", "scripts/profile_inference.py"}
