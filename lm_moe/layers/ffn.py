@@ -19,7 +19,8 @@ from lm_moe.layers.layer_output import LayerAux
 
 ACTIVATIONS = ("gelu", "swiglu")
 
-# Dtypes the grouped-matmul kernel accepts; anything else (float64 in tests) runs one matmul per expert.
+# Dtypes the grouped-matmul kernel accepts; anything else (float64 in tests), and widths whose
+# rows are not a multiple of 16 bytes long, run one matmul per expert.
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # On the CPU, bf16 and fp16 matmuls run in oneDNN, which builds a kernel for every new shape (about
@@ -36,8 +37,11 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _grouped_mm_usable(x: torch.Tensor) -> bool:
+def _grouped_mm_usable(x: torch.Tensor, widths: tuple[int, ...]) -> bool:
+    """Whether the grouped-matmul kernel takes x and expert weights whose rows are `widths` long."""
     if not hasattr(F, "grouped_mm") or x.dtype not in _GROUPED_MM_DTYPES:
+        return False
+    if any(width * x.element_size() % 16 for width in widths):  # the kernel wants 16-byte aligned strides
         return False
     if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:  # the compiler's shape rule wants bf16
         return False
@@ -95,7 +99,7 @@ class ExpertWeights(nn.Module):
         """Rows sorted by expert, `rows_per_expert[e]` of them for expert e: x [M, D] -> [M, D]."""
         dtype = compute_dtype(x)
         x = x.to(dtype)
-        if _grouped_mm_usable(x):
+        if _grouped_mm_usable(x, (self.dim, self.w_in.shape[-1], self.hidden_dim)):
             if x.device.type == "cpu" and dtype != torch.float32 and not torch.compiler.is_compiling():
                 return self._grouped_in_padded_groups(x, rows_per_expert)
             return self._grouped(x, rows_per_expert)

@@ -36,6 +36,19 @@ def test_dropless_output_and_gradients_match_reference(activation, top_k, renorm
     assert_matches_reference(y, reference.topk_moe(moe, x), params, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim, hidden_dim, activation", [(30, 32, "gelu"), (32, 33, "gelu"), (36, 20, "swiglu")])
+def test_widths_the_grouped_kernel_cannot_stride_run_expert_by_expert(dtype, dim, hidden_dim, activation):
+    # The grouped matmul wants rows of a multiple of 16 bytes: 4 fp32 or 8 bf16 values.
+    moe = TopKMoE(dim, hidden_dim, num_experts=4, activation=activation)
+    x = torch.randn(2, 9, dim, requires_grad=True)
+    y, _ = moe.to(dtype)(x.to(dtype))
+    y.float().square().sum().backward()
+    expected = reference.topk_moe(moe.double(), x.detach().double())
+    torch.testing.assert_close(y.double(), expected, rtol=0.05, atol=0.05 if dtype == torch.bfloat16 else 1e-5)
+    assert x.grad.isfinite().all()
+
+
 def test_dropless_output_does_not_depend_on_batch_mates():
     assert_ignores_batch_mates(make_moe(), torch.randn(4, 9, 8, dtype=torch.float64))
 
