@@ -1,6 +1,7 @@
 """Argument checks for every constructor that takes user settings (layers, models, Lightning and
 data modules): fail before any work starts, and name the argument, the bad value and what is allowed."""
 
+import math
 from collections.abc import Callable, Collection
 
 
@@ -18,8 +19,10 @@ def _is_number(value) -> bool:
 
 
 def require_number(name: str, value, in_range: Callable[[float], bool], allowed: str) -> float:
-    """A number (not a bool) for which `in_range` holds; `allowed` says which, in the error.
-    NaN fails every comparison, so it fails every range."""
+    """A finite number (not a bool) for which `in_range` holds; `allowed` says which, in the error.
+    (YAML reads `.inf` and `.nan` as floats, and a run would train on to NaN weights.)"""
+    if _is_number(value) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number ({allowed}), got {value!r}")
     _require(name, value, _is_number(value) and in_range(value), allowed)
     return float(value)
 

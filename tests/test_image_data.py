@@ -187,6 +187,8 @@ def test_missing_or_empty_data_dir_is_a_clear_error(tmp_path):
         ({"num_workers": -2}, "num_workers must be an integer >= 0, got -2"),
         ({"mean": [0.5, 0.5]}, "mean must have one value per channel"),
         ({"std": [0.0, 1.0, 1.0]}, "std must be positive"),
+        ({"mean": [0.5, float("nan"), 0.5]}, "mean must be finite numbers, got \\[0.5, nan, 0.5\\]"),
+        ({"std": [1.0, float("inf"), 1.0]}, "std must be finite numbers"),
     ],
 )
 def test_bad_arguments_name_the_problem(tmp_path, kwargs, message):

@@ -23,6 +23,7 @@ Pipeline:
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import datasets
@@ -328,6 +329,8 @@ class ImageDataModule(pl.LightningDataModule):
         for name, values in (("mean", mean), ("std", std)):
             if values is not None and len(values) != self.channels:
                 raise ValueError(f"{name} must have one value per channel ({self.channels}), got {values!r}")
+            if values is not None and not all(math.isfinite(value) for value in values):
+                raise ValueError(f"{name} must be finite numbers, got {values!r}")
         if std is not None and min(std) <= 0:
             raise ValueError(f"std must be positive, got {std!r}")
         return mean, std

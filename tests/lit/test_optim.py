@@ -65,7 +65,9 @@ GOOD_SETTINGS = dict(learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95), wa
     "setting, message",
     [
         ({"learning_rate": 0.0}, "learning_rate must be a positive number, got 0.0"),
-        ({"learning_rate": float("nan")}, "learning_rate must be a positive number, got nan"),
+        ({"learning_rate": float("nan")}, r"learning_rate must be a finite number \(a positive number\), got nan"),
+        ({"learning_rate": float("inf")}, r"learning_rate must be a finite number \(a positive number\), got inf"),
+        ({"weight_decay": float("inf")}, r"weight_decay must be a finite number \(a number >= 0\), got inf"),
         ({"weight_decay": -0.1}, "weight_decay must be a number >= 0, got -0.1"),
         ({"betas": (1.0, 0.95)}, r"betas\[0\] must be a number in \[0, 1\), got 1.0"),
         ({"betas": (0.9, -0.5)}, r"betas\[1\] must be a number in \[0, 1\), got -0.5"),
