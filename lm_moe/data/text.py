@@ -158,7 +158,6 @@ class TextDataModule(pl.LightningDataModule):
         cache_dir: str | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
         require_positive_int("block_size", block_size)
         require_positive_int("batch_size", batch_size)
         require_proper_fraction("val_fraction", val_fraction)
@@ -179,6 +178,10 @@ class TextDataModule(pl.LightningDataModule):
         # Known before any data is read, so a CLI can link data.vocab_size -> model.vocab_size.
         self.tokenizer = load_encoding(tokenizer, vocab_size)
         self.vocab_size = self.tokenizer.vocab_size
+        # vocab_size None (the whole encoding) is left out of the hparams: the model's hold the
+        # resolved size, and Lightning refuses to merge the two if they differ. A missing vocab_size
+        # reads back as None.
+        self.save_hyperparameters(ignore=["vocab_size"] if vocab_size is None else [])
         self.block_size = block_size
 
         # Local sources are listed now, so a wrong path fails before anything else runs.

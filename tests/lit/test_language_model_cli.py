@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lm_moe import cli, sample
 from lm_moe.causality import report as causality_report
 from lm_moe.data.text import TextDataModule
+from lm_moe.data.tokenizer import load_encoding
 from lm_moe.layers import TopKMoE
 from lm_moe.lit.interruption import CheckpointOnInterrupt
 from lm_moe.lit.language_model import SamplingSettings
@@ -165,6 +166,15 @@ def test_a_second_ctrl_c_stops_at_once():
     callback._on_ctrl_c(signal.SIGINT, None)  # the first asks for a stop after the step
     with pytest.raises(KeyboardInterrupt):
         callback._on_ctrl_c(signal.SIGINT, None)
+
+
+def test_vocab_size_null_keeps_the_whole_encoding(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = fit(REPO / "configs/lm/dense.yaml", tmp_path / "cache", "--data.vocab_size=null", "--model.n_layer=1", steps=1)
+    assert run.model.model.vocab_size == run.datamodule.vocab_size == load_encoding("cl100k_base").vocab_size
+    # The checkpoint rebuilds the whole encoding for sampling.
+    texts = sample.sample(str(tmp_path / "runs/dense/version_0/checkpoints/last.ckpt"), prompt="x", max_new_tokens=2)
+    assert len(texts) == 1 and texts[0].startswith("x")
 
 
 def test_a_run_without_a_logger_trains_and_checkpoints(tmp_path, monkeypatch):
