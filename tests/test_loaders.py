@@ -1,9 +1,12 @@
 """The training sampler: a seeded permutation per epoch, entered at the batch training reached."""
 
+import signal
+
 import pytest
 import torch
+from torch.utils.data import Dataset
 
-from lm_moe.data.loaders import ResumableShuffle
+from lm_moe.data.loaders import ResumableShuffle, evaluation_loader, training_loader
 
 
 def test_each_pass_is_the_next_epochs_permutation_of_every_example():
@@ -23,3 +26,20 @@ def test_a_pass_starts_at_the_batch_the_trained_batches_give():
 def test_fewer_examples_than_one_batch_is_refused():
     with pytest.raises(ValueError, match="gets 3 training examples, fewer than batch_size=4"):
         ResumableShuffle(range(3), seed=0, batch_size=4)
+
+
+class SigintHandlers(Dataset):
+    """Each item: whether the process that loads it ignores SIGINT."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> bool:
+        return signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
+def test_loader_workers_leave_ctrl_c_to_the_main_process():
+    loaders = [training_loader(SigintHandlers(), 2, seed=0, num_workers=1), evaluation_loader(SigintHandlers(), 2, 1)]
+    for loader in loaders:
+        assert all(batch.all() for batch in loader)
+    assert signal.getsignal(signal.SIGINT) != signal.SIG_IGN  # the main process still hears it

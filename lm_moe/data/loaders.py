@@ -1,5 +1,6 @@
 """The DataLoaders both data modules hand to Lightning."""
 
+import signal
 from collections.abc import Callable
 
 import torch.distributed as dist
@@ -60,6 +61,12 @@ def batches_trained(trainer) -> Callable[[], int] | None:
     return lambda: trainer.fit_loop.epoch_loop.batch_progress.total.processed
 
 
+def ignore_interrupts(worker_id: int) -> None:
+    """Worker processes leave Ctrl-C to the main process: a terminal sends SIGINT to the whole
+    process group, and a worker it killed mid-validation ended the run without a checkpoint."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def training_loader(
     dataset: Dataset, batch_size: int, seed: int, num_workers: int, batches_done: Callable[[], int] | None = None
 ) -> DataLoader:
@@ -72,9 +79,11 @@ def training_loader(
         drop_last=True,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_interrupts,
     )
 
 
 def evaluation_loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
     """In order, every example (the last batch may be short)."""
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, persistent_workers=num_workers > 0)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, persistent_workers=num_workers > 0,
+                      worker_init_fn=ignore_interrupts)
