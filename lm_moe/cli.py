@@ -20,6 +20,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from lm_moe.layers.mixture_of_tokens import required_batch_multiple
 from lm_moe.lit.callbacks import ImagePredictionWriter, TextPredictionWriter, Throughput
 from lm_moe.lit.checkpoint_callback import LastAndBestCheckpoint
 from lm_moe.lit.checkpoints import read_checkpoint, require_matching_state
@@ -129,6 +130,12 @@ class LmMoeCLI(LightningCLI):
         it, but only after the data is prepared, which can take minutes for a new corpus.)"""
         if self.trainer.logger is None:  # Lightning's learning-rate monitor refuses to start without one
             self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, LearningRateMonitor)]
+        multiple = required_batch_multiple(self.model)
+        if self.subcommand == "fit" and self.datamodule.batch_size % multiple:  # (evaluation fills its batches)
+            raise ValueError(
+                f"data.batch_size={self.datamodule.batch_size} must be a multiple of {multiple}: the model's "
+                "Mixture of Tokens layers mix the tokens of group_size sequences, and training batches are not filled"
+            )
         config = self.config[self.subcommand]
         ckpt_path = config.get("ckpt_path")
         if ckpt_path is not None and ckpt_path not in LIGHTNING_CHECKPOINT_NAMES:

@@ -177,6 +177,13 @@ def test_vocab_size_null_keeps_the_whole_encoding(tmp_path, monkeypatch):
     assert len(texts) == 1 and texts[0].startswith("x")
 
 
+def test_a_batch_size_that_splits_mixture_of_tokens_groups_is_refused_before_any_data_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="data.batch_size=6 must be a multiple of 4: the model's Mixture of Tokens"):
+        fit(REPO / "configs/lm/mixture_of_tokens.yaml", tmp_path / "cache", "--data.batch_size=6")
+    assert list(tmp_path.iterdir()) == []  # no data prepared, no run folder
+
+
 def test_a_run_without_a_logger_trains_and_checkpoints(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fit(REPO / "configs/lm/dense.yaml", tmp_path / "cache", "--trainer.logger=false", "--model.n_layer=1", steps=2)
