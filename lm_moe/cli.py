@@ -210,6 +210,19 @@ TASKS = {
 }
 
 
+def _task_in_config(path: Path) -> str | None:
+    """The `task:` key of a config file (None if it has none); a file that is not a YAML mapping
+    is refused by name (before the parser, which would only report it as a file it cannot load)."""
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"config {str(path)!r} is not readable YAML: {error}") from None
+    if config is not None and not isinstance(config, dict):
+        raise ValueError(f"config {str(path)!r} must be a mapping of sections (model:, data:, trainer:), "
+                         f"got a {type(config).__name__}")
+    return (config or {}).get("task")
+
+
 def task_of(args: list[str]) -> str:
     """The task a command line asks for, read the way the CLI will read it: the last `--task`
     flag or `task:` key of a `-c` file wins; "lm" if none says."""
@@ -221,9 +234,9 @@ def task_of(args: list[str]) -> str:
         elif arg == "--task" and i + 1 < len(args):
             value = args[i + 1]
         elif arg in ("-c", "--config") and i + 1 < len(args) and Path(args[i + 1]).is_file():
-            value = (yaml.safe_load(Path(args[i + 1]).read_text()) or {}).get("task")
+            value = _task_in_config(Path(args[i + 1]))
         elif arg.startswith("--config=") and Path(arg.split("=", 1)[1]).is_file():
-            value = (yaml.safe_load(Path(arg.split("=", 1)[1]).read_text()) or {}).get("task")
+            value = _task_in_config(Path(arg.split("=", 1)[1]))
         if value is not None:
             task = value
     if task not in TASKS:

@@ -96,6 +96,11 @@ def test_failure_reason_is_the_error_line():
     traceback = "Traceback (most recent call last):\n  File \"x.py\"\nValueError: top_k must be at most 8\n"
     assert failure_reason(1, "some warning\n" + traceback) == "ValueError: top_k must be at most 8"
     assert failure_reason(2, "usage: ...\nerror: Parser key \"model\": bad\n") == "error: Parser key \"model\": bad"
+    # The parser's message goes on in indented lines; the CLI's own errors are one line.
+    parser_error = "usage: ...\nerror: Parser key \"model.n_layer\":\n  Expected a <class 'int'>. Got value: abc\n"
+    assert failure_reason(2, parser_error) == "error: Parser key \"model.n_layer\": Expected a <class 'int'>. Got value: abc"
+    cli_error = "Seed set to 0\npython -m lm_moe: error: batch_size must be a positive integer, got 0\n"
+    assert failure_reason(2, cli_error) == "python -m lm_moe: error: batch_size must be a positive integer, got 0"
     assert failure_reason(-9, "step 10\n") == "killed by signal 9: step 10"
 
 

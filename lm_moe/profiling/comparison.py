@@ -16,7 +16,6 @@ starts from scratch. A fit that fails is recorded with its error, and the sweep 
 
 import json
 import os
-import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from lm_moe.layers.mixture_of_tokens import required_batch_multiple
 from lm_moe.lit.checkpoints import read_checkpoint
 from lm_moe.profiling.inference import measure_decoding, round_up
 from lm_moe.profiling.model_cost import parameter_counts
-from lm_moe.profiling.models import load_checkpoint, resolved_config
+from lm_moe.profiling.models import error_message, load_checkpoint, resolved_config
 from lm_moe.profiling.training_curves import StepWatcher, versions
 
 POLL_SECONDS = 5.0  # how often the progress display looks at a running fit's logs
@@ -108,10 +107,9 @@ def checkpoint_step(path: Path) -> int:
 
 
 def failure_reason(returncode: int, output: str) -> str:
-    """The error line of a failed fit's output (the exception of a traceback, the CLI's `error:`)."""
+    """The error of a failed fit's output (see error_message), else its last line."""
     lines = [line.strip() for line in output.splitlines() if line.strip()]
-    errors = [line for line in lines if re.match(r"^([\w.]*(Error|Exception)|error):", line)]
-    reason = (errors or lines or ["no output"])[-1]
+    reason = error_message(output) or (lines or ["no output"])[-1]
     return f"killed by signal {-returncode}: {reason}" if returncode < 0 else reason
 
 

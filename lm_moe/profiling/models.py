@@ -3,12 +3,29 @@ build it, with random weights) or loaded from a Lightning checkpoint (with its t
 
 import contextlib
 import io
+import itertools
+import re
 from pathlib import Path
 
 import yaml
 from torch import nn
 
 from lm_moe.lit.checkpoints import checkpoint_task, read_checkpoint
+
+
+# An exception line of a traceback, the parser's `error:` line, or the CLI's `python -m lm_moe: error:` line.
+_ERROR_LINE = re.compile(r"^((python -m [\w.]+: )?error|[\w.]*(Error|Exception)):")
+
+
+def error_message(output: str) -> str | None:
+    """The last error an lm_moe command printed, with the indented lines that continue it (the
+    parser writes what it expected there); None if there is none."""
+    lines = output.splitlines()
+    starts = [i for i, line in enumerate(lines) if _ERROR_LINE.match(line.strip())]
+    if not starts:
+        return None
+    continued = itertools.takewhile(lambda line: line.startswith((" ", "\t")), lines[starts[-1] + 1 :])
+    return " ".join(line.strip() for line in [lines[starts[-1]], *continued])
 
 
 def _cli(config: str | Path, args: list[str]):
@@ -24,8 +41,7 @@ def _cli(config: str | Path, args: list[str]):
     except SystemExit as stop:
         if stop.code == 0:
             return None
-        errors = [line for line in messages.getvalue().splitlines() if line.startswith("error:")]
-        raise ValueError(f"{config}: {errors[-1] if errors else 'the CLI refused the config'}") from None
+        raise ValueError(f"{config}: {error_message(messages.getvalue()) or 'the CLI refused the config'}") from None
 
 
 def build_from_config(config: str | Path, overrides: list[str] = (), block_size: int | None = None) -> nn.Module:

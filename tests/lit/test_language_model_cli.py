@@ -2,6 +2,8 @@
 
 import json
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -182,6 +184,24 @@ def test_a_batch_size_that_splits_mixture_of_tokens_groups_is_refused_before_any
     with pytest.raises(ValueError, match="data.batch_size=6 must be a multiple of 4: the model's Mixture of Tokens"):
         fit(REPO / "configs/lm/mixture_of_tokens.yaml", tmp_path / "cache", "--data.batch_size=6")
     assert list(tmp_path.iterdir()) == []  # no data prepared, no run folder
+
+
+def test_the_command_reports_a_bad_setting_in_one_line_with_status_2(tmp_path):
+    command = [sys.executable, "-m", "lm_moe", "fit", "-c", str(REPO / "configs/lm/top2.yaml"), "--data.batch_size=0"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == "python -m lm_moe: error: batch_size must be a positive integer, got 0"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model: [unclosed\n", "is not readable YAML"),
+    ("- model\n- data\n", r"must be a mapping of sections \(model:, data:, trainer:\), got a list"),
+])
+def test_a_config_that_is_not_a_yaml_mapping_is_refused_by_name(tmp_path, text, message):
+    config = tmp_path / "broken.yaml"
+    config.write_text(text)
+    with pytest.raises(ValueError, match=f"config '{config}' {message}"):
+        cli.main(["fit", "-c", str(config)])
 
 
 def test_a_run_without_a_logger_trains_and_checkpoints(tmp_path, monkeypatch):
