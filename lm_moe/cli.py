@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lm_moe.layers.mixture_of_tokens import required_batch_multiple
@@ -56,7 +57,11 @@ def best_checkpoint(logger_root: Path, mode: str) -> Path:
     for path in logger_root.glob("version_*/checkpoints/*.ckpt"):
         if path.stem.startswith("last"):
             continue
-        states = read_checkpoint(path).get("callbacks", {}).values()
+        try:
+            states = read_checkpoint(path).get("callbacks", {}).values()
+        except ValueError as error:  # one damaged file must not hide the run's other checkpoints
+            rank_zero_warn(f"--ckpt_path best: skipping {error}")
+            continue
         score = next((state["current_score"] for state in states if state.get("current_score") is not None), None)
         if score is not None:
             scored.append((float(score), path))
@@ -142,10 +147,20 @@ class LmMoeCLI(LightningCLI):
             checkpoint = read_checkpoint(ckpt_path, task=config.get("task"))  # the other task's: refused as such
             require_matching_state(checkpoint["state_dict"], self.model.state_dict())
 
-    before_validate = before_test = before_fit
+    def before_validate(self) -> None:
+        """before_fit's checks; and evaluating without a checkpoint is the freshly built model:
+        worth a warning, since it is rarely what is meant."""
+        self.before_fit()
+        if self.config[self.subcommand].get("ckpt_path") is None:
+            rank_zero_warn(
+                f"{self.subcommand} without --ckpt_path evaluates the model as the config builds it, with "
+                "untrained weights; give --ckpt_path last, best or a checkpoint file to evaluate a trained one"
+            )
+
+    before_test = before_validate
 
     def before_predict(self) -> None:
-        self.before_fit()
+        self.before_validate()
         check_predict_settings = getattr(self.model, "check_predict_settings", None)  # what the task has
         if check_predict_settings is not None:
             check_predict_settings()

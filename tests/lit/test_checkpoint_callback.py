@@ -61,6 +61,14 @@ def test_ckpt_path_best_is_the_best_score_over_every_version_of_the_run(tmp_path
     result = cli.main(["validate", "-c", config, "--ckpt_path=best"])
     assert Path(result.trainer.ckpt_path).resolve() == (tmp_path / "runs/top2/version_0/checkpoints/best-2.ckpt").resolve()
     assert torch.isfinite(result.trainer.callback_metrics["val/loss"])
+    # A damaged checkpoint among them is skipped, with a warning, not a failure.
+    (resumed / "best-7.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match="--ckpt_path best: skipping .*best-7.ckpt' is not a readable PyTorch checkpoint"):
+        result = cli.main(["validate", "-c", config, "--ckpt_path=best"])
+    assert Path(result.trainer.ckpt_path).name == "best-2.ckpt"
+    # Without a checkpoint, validate says that it evaluates untrained weights.
+    with pytest.warns(UserWarning, match="validate without --ckpt_path evaluates the model as the config builds it"):
+        cli.main(["validate", "-c", str(tmp_path / "runs/top2/version_0/config.yaml")])
 
 
 def test_ckpt_path_best_without_a_scored_checkpoint_says_so(tmp_path, monkeypatch):
