@@ -48,6 +48,8 @@ def sample(
         device: where to run, e.g. "cpu" or "cuda".
     """
     require_positive_int("num_samples", num_samples)
+    if not 0 <= seed < 2**64:  # what torch.Generator takes
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}")
     if max_new_tokens is not None:
         require_non_negative_int("max_new_tokens", max_new_tokens)
     check_sampling(temperature, top_k, top_p)

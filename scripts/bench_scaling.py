@@ -23,6 +23,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from lm_moe.cli import task_of
 from lm_moe.profiling.training_curves import median_scalar
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,8 +59,10 @@ def main() -> None:
     args = parser.parse_args()
     if not 0 <= args.warmup < args.steps:
         parser.error(f"--warmup must be in [0, --steps), got {args.warmup} with --steps {args.steps}")
-    if not args.config.is_file():
-        parser.error(f"no config file at {args.config}")
+    if args.rounds < 1 or args.batch < 1:
+        parser.error(f"--rounds and --batch must be >= 1, got {args.rounds} and {args.batch}")
+    if not args.config.is_file() or task_of(["-c", str(args.config)]) != "lm":
+        parser.error(f"no language-model config at {args.config}")
     args.config = args.config.resolve()  # the fits run in a scratch folder
     quick, ddp = REPO / "configs/trainer/cpu_quick.yaml", REPO / "configs/trainer/cpu_ddp.yaml"
     runs = {

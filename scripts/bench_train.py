@@ -115,9 +115,9 @@ TARGETS = {
 BARE_LOOP_TARGET = 0.9  # Lightning / bare loop, for the configs run both ways
 
 
-def parse_timing_options(parser: argparse.ArgumentParser, trainer: Path) -> argparse.Namespace:
+def parse_timing_options(parser: argparse.ArgumentParser, trainer: Path, task: str) -> argparse.Namespace:
     """Add the options every training benchmark takes (trainer preset, steps, warm-up steps,
-    rounds, --json) to `parser`, and parse the command line."""
+    rounds, --json) to `parser`, and parse the command line; the `-c` configs must be of `task`."""
     parser.add_argument("--trainer", type=Path, default=trainer, help="trainer preset")
     parser.add_argument("--steps", type=int, default=25, help="training steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
@@ -126,6 +126,13 @@ def parse_timing_options(parser: argparse.ArgumentParser, trainer: Path) -> argp
     args = parser.parse_args()
     if not 0 <= args.warmup < args.steps:
         parser.error(f"--warmup must be in [0, --steps), got {args.warmup} with --steps {args.steps}")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if not args.trainer.is_file():
+        parser.error(f"no trainer preset at {args.trainer}")
+    wrong = [str(config) for config in args.config or [] if not config.is_file() or cli.task_of(["-c", str(config)]) != task]
+    if wrong:
+        parser.error(f"this benchmark times configs of task {task} that exist; not: {', '.join(wrong)}")
     return args
 
 
@@ -135,7 +142,7 @@ def main() -> None:
                         help="LM config (repeatable; default: every config under configs/lm/)")
     parser.add_argument("--bare", nargs="*", default=["dense", "top2"],
                         help="config names also timed through the bare PyTorch loop")
-    args = parse_timing_options(parser, REPO / "configs/trainer/cpu_quick.yaml")
+    args = parse_timing_options(parser, REPO / "configs/trainer/cpu_quick.yaml", "lm")
     configs = {path.stem: path for path in (args.config or sorted((REPO / "configs/lm").glob("*.yaml")))}
     tune_cpu_allocator()
 

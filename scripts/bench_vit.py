@@ -41,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", type=Path, action="append", default=None,
                         help="ViT config (repeatable; default: every config under configs/vit/); dense.yaml is the reference")
-    args = parse_timing_options(parser, REPO / "configs/trainer/cpu_quick_vit.yaml")
+    args = parse_timing_options(parser, REPO / "configs/trainer/cpu_quick_vit.yaml", "vit")
     configs = {path.stem: path for path in (args.config or sorted((REPO / "configs/vit").glob("*.yaml")))}
     tune_cpu_allocator()
 

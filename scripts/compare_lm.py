@@ -64,6 +64,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                         help="CPU threads of every process (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=Path("results/compare"))
     args, overrides = parser.parse_known_args(argv)
+    if not args.trainer.is_file():
+        parser.error(f"no trainer preset at {args.trainer}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file, not a folder")
     if args.max_steps is None:
         args.max_steps = (yaml.safe_load(args.trainer.read_text()) or {}).get("trainer", {}).get("max_steps")
         if args.max_steps is None:

@@ -45,6 +45,7 @@ from lm_moe.profiling.charts import Panel, draw
 from lm_moe.profiling.inference import DTYPES, measure_decoding, measure_images, round_up, trace_decoding_step
 from lm_moe.profiling.models import build_from_config, load_checkpoint, variant_names
 from lm_moe.profiling.tables import Column, markdown_table, write_csv, write_json
+from lm_moe.sample import require_usable_device
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,6 +88,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                              "or https://ui.perfetto.dev)")
     parser.add_argument("--out", type=Path, default=Path("results/inference"), help="folder for the results")
     args, overrides = parser.parse_known_args(argv)
+    try:
+        require_usable_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     if overrides and not args.config:
         parser.error(f"config overrides {overrides} need a config (-c)")
     if min(args.batch_sizes + args.contexts + [args.new_tokens, args.repeats]) < 1 or args.warmup < 0:

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -88,7 +90,17 @@ def test_bench_scaling_compares_precisions_and_ddp_through_the_cli(tmp_path):
     assert "bf16-mixed / 32-true" in printed
 
 
-def test_bench_scaling_refuses_a_missing_config():
-    result = subprocess.run([sys.executable, str(REPO / "scripts/bench_scaling.py"), "-c", "configs/lm/nope.yaml"],
-                            capture_output=True, text=True, cwd=REPO)
-    assert result.returncode != 0 and "no config file at configs/lm/nope.yaml" in result.stderr
+@pytest.mark.parametrize("script, args, message", [
+    ("bench_scaling.py", ["-c", "configs/lm/nope.yaml"], "no language-model config at configs/lm/nope.yaml"),
+    ("bench_scaling.py", ["--batch=0"], "--rounds and --batch must be >= 1, got 2 and 0"),
+    ("bench_train.py", ["--rounds=0"], "--rounds must be >= 1, got 0"),
+    ("bench_train.py", ["-c", "configs/vit/dense.yaml"], "configs of task lm that exist; not: configs/vit/dense.yaml"),
+    ("bench_vit.py", ["-c", "configs/lm/dense.yaml"], "configs of task vit that exist; not: configs/lm/dense.yaml"),
+    ("compare_lm.py", ["--trainer=configs/trainer/nope.yaml"], "no trainer preset at configs/trainer/nope.yaml"),
+    ("compare_lm.py", ["--out=README.md"], "--out README.md is a file, not a folder"),
+    ("profile_inference.py", ["--device=nope"], "device 'nope' is not usable here"),
+])
+def test_scripts_refuse_bad_options_before_any_work(script, args, message):
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / script), *args],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

@@ -336,6 +336,7 @@ def test_sample_command_reports_user_errors_in_one_line(trained_top2, tmp_path, 
         ([checkpoint, "--max_new_tokens", "40"], "prompt length 1 + max_new_tokens 40 exceeds the model's block_size 32"),
         ([checkpoint, "--prompt", "x " * 40], "(end-of-text included) leaves no room for new tokens"),
         ([checkpoint, "--num_samples", "0"], "num_samples must be a positive integer, got 0"),
+        ([checkpoint, "--seed", str(2**64)], f"seed must be an integer in [0, 2**64), got {2**64}"),
         ([str(tmp_path / "missing.ckpt")], "checkpoint not found"),
         ([str(vit)], "is the checkpoint of an image classifier"),
     ]
