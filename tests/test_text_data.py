@@ -3,6 +3,7 @@
 import json
 import random
 import re
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from lm_moe.data import TextDataModule
+from lm_moe.data.text import resolve_data_files
 
 N_DOCS = 30
 WORDS = "alpha beta gamma delta expert router token slot causal mixture softmax dispatch combine".split()
@@ -188,6 +190,20 @@ def test_corpus_without_text(tmp_path):
 def test_unsupported_or_mixed_formats(tmp_path, corpus):
     with pytest.raises(ValueError, match=r"\.jsonl.*\.txt"):
         _module(tmp_path, data_files=[corpus["txt"]["data_files"], corpus["jsonl"]["data_files"]])
+
+
+def test_a_file_two_patterns_match_is_read_once(tmp_path, corpus):
+    files = [corpus["txt"]["data_files"], str(Path(corpus["txt"]["data_files"]).parent / "00.txt")]
+    assert resolve_data_files(files) == resolve_data_files(files[0])
+
+
+def test_rows_without_the_text_column_are_counted_in_a_warning(tmp_path, corpus):
+    rows = [{"text": doc} if i % 4 else {"content": doc} for i, doc in enumerate(_documents())]  # 8 under "content"
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    with pytest.warns(UserWarning, match=f"8 of {N_DOCS} rows of .* have no 'text' value and are left out"):
+        dm = _ready(_module(tmp_path, data_files=str(path)))
+    assert len(_doc_tags(dm, torch.cat([dm.train_set.blocks, dm.val_set.blocks]))) == N_DOCS - 8
 
 
 def test_missing_text_column_lists_available_columns(tmp_path, corpus):

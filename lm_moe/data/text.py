@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -64,7 +64,8 @@ def stdlib_files() -> list[str]:
 
 
 def resolve_data_files(data_files: str | list[str]) -> list[str]:
-    """Expand paths and globs (in the order given, each glob sorted); each must match non-empty files."""
+    """Expand paths and globs (in the order given, each glob sorted); each must match non-empty files.
+    A file that several patterns match is read once: twice, its documents could land in both splits."""
     patterns = [data_files] if isinstance(data_files, str) else list(data_files)
     files = []
     for pattern in patterns:
@@ -74,7 +75,7 @@ def resolve_data_files(data_files: str | list[str]) -> list[str]:
             raise FileNotFoundError(
                 f"no data file found at {pattern!r} (for a folder, give a glob such as 'dir/*.txt')"
             )
-        files += matches
+        files += [path for path in matches if os.path.realpath(path) not in map(os.path.realpath, files)]
     for path in files:
         if os.path.getsize(path) == 0:
             raise ValueError(f"data file {path!r} is empty")
@@ -241,6 +242,12 @@ class TextDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"text_column {self.text_column!r} holds {feature} values, not strings; "
                 f"string columns: {strings}"
+            )
+        missing = documents.data.column(self.text_column).null_count  # e.g. jsonl rows without the key
+        if missing:
+            rank_zero_warn(
+                f"{missing} of {len(documents)} rows of {self._source()} have no {self.text_column!r} value "
+                "and are left out (is text_column the right column?)"
             )
         if self.max_documents is not None and len(documents) > self.max_documents:
             documents = documents.select(range(self.max_documents))
