@@ -4,6 +4,8 @@ import signal
 import threading
 
 import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -19,20 +21,32 @@ class CheckpointOnInterrupt(pl.Callback):
     stops on Ctrl-C (exit status 1). A second Ctrl-C stops at once, without writing.
     SIGTERM: Lightning stops the run after the step under way; last.ckpt is written there.
     Any other error writes nothing: the state that raised it may be broken (NaN weights), and the
-    last.ckpt written before is kept. Single-process runs only: the ranks of a multi-process run
-    stop at different points (measured with 2 DDP processes: a collective write on SIGTERM hung),
-    so there Lightning's own handling stays, and the checkpoint of the last validation.
+    last.ckpt written before is kept.
+
+    In a multi-process run Ctrl-C is left to Lightning. SIGTERM to any rank, or to all of them as
+    a scheduler sends it, is noted by a handler of its own: at the end of each step the ranks
+    reduce their notes, so all of them write last.ckpt at the same step and stop together with
+    SIGTERM's exit status. (Lightning 2.6's handler broadcasts from inside the signal handler: with
+    every rank signalled, the ranks' collectives no longer matched and the run hung.)
     """
 
     def __init__(self):
         self._stop_requested = False
-        self._previous_handler = None
+        self._sigterm_received = False
+        self._previous_handlers: dict[int, object] = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._stop_requested = False
+        self._stop_requested = self._sigterm_received = False
         # Signal handlers can only be set from the main thread (not e.g. from a notebook's worker).
-        if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
-            self._previous_handler = signal.signal(signal.SIGINT, self._on_ctrl_c)
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if trainer.world_size == 1:
+            self._previous_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_ctrl_c)
+        else:
+            self._previous_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._sigterm_received = True  # acted on at the end of the step, by every rank together
 
     def _on_ctrl_c(self, signum, frame) -> None:
         if self._stop_requested:  # the second Ctrl-C: stop now
@@ -47,6 +61,15 @@ class CheckpointOnInterrupt(pl.Callback):
             self._restore_handler()
             self._save_last(trainer)
             raise KeyboardInterrupt
+        if signal.SIGTERM in self._previous_handlers and self._any_rank_received_sigterm(trainer):
+            self._save_last(trainer)  # collective: every rank is at this step
+            # Lightning raises SIGTERMException at the end of this step, on every rank.
+            trainer._signal_connector.received_sigterm = True
+
+    def _any_rank_received_sigterm(self, trainer: pl.Trainer) -> bool:
+        noted = torch.tensor([int(self._sigterm_received)], device=trainer.strategy.root_device)
+        dist.all_reduce(noted, op=dist.ReduceOp.MAX)  # one small collective per step, as Lightning's own check
+        return bool(noted.item())
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_handler()
@@ -58,9 +81,9 @@ class CheckpointOnInterrupt(pl.Callback):
         self._restore_handler()
 
     def _restore_handler(self) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGINT, self._previous_handler)
-            self._previous_handler = None
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
 
     @staticmethod
     def _save_last(trainer: pl.Trainer) -> None:

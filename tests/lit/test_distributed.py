@@ -1,6 +1,7 @@
 """Multi-process training on the CPU: DDP over gloo, as it runs on GPUs with NCCL."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,19 @@ def run_cli(work: Path, *args: str) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "lm_moe", *args], cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+def test_sigterm_to_every_rank_stops_them_together_with_last_ckpt_at_that_step(tmp_path):
+    # As a scheduler preempts a job: every rank gets SIGTERM (here each sends it to itself as step 2 starts).
+    args = ["fit", "-c", str(REPO / "configs/lm/top2.yaml"), "-c", str(REPO / "configs/trainer/cpu_ddp.yaml"),
+            *tiny_args(tmp_path / "cache", steps=8), "--trainer.callbacks+=tests.lit.tiny_runs.SignalAtStep",
+            "--trainer.callbacks.step=2", f"--trainer.callbacks.signum={int(signal.SIGTERM)}"]
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache"), "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "lm_moe", *args], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)  # the run used to hang here
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-4000:]
+    checkpoint = torch.load(tmp_path / "runs/top2/version_0/checkpoints/last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 3  # the step under way when the signal came finished
 
 
 @pytest.mark.parametrize("config", ["top2", "lagged_chunk"])
