@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 from pytorch_lightning.callbacks import LearningRateMonitor
-from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -79,6 +79,18 @@ def logger_root(logger_config) -> Path:
     if init_args is None or "save_dir" not in init_args or "name" not in init_args:
         raise ValueError("--ckpt_path last or best needs a TensorBoardLogger with save_dir and name to find the run")
     return Path(init_args.save_dir) / init_args.name
+
+
+class SaveConfigWithoutCheckpoint(SaveConfigCallback):
+    """Lightning's config.yaml of the run, less `ckpt_path`: the file records what builds and
+    trains the run, and `-c config.yaml` of a resumed run would otherwise load, silently, the older
+    checkpoint it resumed from."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.config.get("ckpt_path") is not None:
+            self.config = self.config.clone()
+            self.config.ckpt_path = None
+        super().setup(trainer, pl_module, stage)
 
 
 class LmMoeCLI(LightningCLI):
@@ -277,6 +289,7 @@ def main(args: list[str] | None = None, run: bool = True) -> LmMoeCLI:
                 run=run,
                 auto_configure_optimizers=False,  # the modules bring their own AdamW + schedule
                 parser_kwargs={"prog": "python -m lm_moe"},  # not "__main__.py" in usage lines and errors
+                save_config_callback=SaveConfigWithoutCheckpoint,
                 save_config_kwargs={"overwrite": True},
                 trainer_defaults={
                     "default_root_dir": RUNS_DIR,

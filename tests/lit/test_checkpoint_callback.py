@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from lm_moe import cli
 from lm_moe.lit.checkpoints import read_checkpoint
@@ -58,6 +59,8 @@ def test_ckpt_path_best_is_the_best_score_over_every_version_of_the_run(tmp_path
     resumed, _ = fit_top2(tmp_path / "cache", 8, "--checkpoint.mode=max", "--ckpt_path=last")
     assert [path.name for path in resumed.glob("best-*.ckpt")] == ["best-6.ckpt"]
     config = str(resumed.parent / "config.yaml")
+    # The resumed run's config does not name the checkpoint it resumed from: -c config.yaml would load it.
+    assert yaml.safe_load(Path(config).read_text())["ckpt_path"] is None
     result = cli.main(["validate", "-c", config, "--ckpt_path=best"])
     assert Path(result.trainer.ckpt_path).resolve() == (tmp_path / "runs/top2/version_0/checkpoints/best-2.ckpt").resolve()
     assert torch.isfinite(result.trainer.callback_metrics["val/loss"])
