@@ -163,7 +163,7 @@ def test_compare_lm_end_to_end_with_a_failure_a_resume_and_a_rerun(tmp_path):
 
     saved = json.loads((out / "results.json").read_text())
     assert set(saved) == {"settings", "definitions", "variants"}
-    assert saved["variants"][2]["output_tail"].endswith("ValueError: top_k must be at most num_experts=8, got 9")
+    assert saved["variants"][2]["output_tail"].endswith("python -m lm_moe: error: top_k must be at most num_experts=8, got 9")
     table = (out / "table.md").read_text()
     table_rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
     assert [line.split("|")[1].strip() for line in table_rows] == ["dense", "top2", "broken"]
