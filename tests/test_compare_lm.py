@@ -100,7 +100,7 @@ def test_failure_reason_is_the_error_line():
     parser_error = "usage: ...\nerror: Parser key \"model.n_layer\":\n  Expected a <class 'int'>. Got value: abc\n"
     assert failure_reason(2, parser_error) == "error: Parser key \"model.n_layer\": Expected a <class 'int'>. Got value: abc"
     cli_error = "Seed set to 0\npython -m lm_moe: error: batch_size must be a positive integer, got 0\n"
-    assert failure_reason(2, cli_error) == "python -m lm_moe: error: batch_size must be a positive integer, got 0"
+    assert failure_reason(2, cli_error) == "batch_size must be a positive integer, got 0"
     assert failure_reason(-9, "step 10\n") == "killed by signal 9: step 10"
 
 
@@ -167,7 +167,7 @@ def test_compare_lm_end_to_end_with_a_failure_a_resume_and_a_rerun(tmp_path):
     table = (out / "table.md").read_text()
     table_rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
     assert [line.split("|")[1].strip() for line in table_rows] == ["dense", "top2", "broken"]
-    assert "FAILED: ValueError: top_k" in table_rows[2]
+    assert "FAILED: top_k must be at most num_experts=8, got 9" in table_rows[2]
     for name in ("loss_vs_tokens.png", "loss_vs_time.png"):
         assert (out / name).read_bytes().startswith(PNG_SIGNATURE)
 

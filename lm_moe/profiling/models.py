@@ -13,19 +13,23 @@ from torch import nn
 from lm_moe.lit.checkpoints import checkpoint_task, read_checkpoint
 
 
-# An exception line of a traceback, the parser's `error:` line, or the CLI's `python -m lm_moe: error:` line.
-_ERROR_LINE = re.compile(r"^((python -m [\w.]+: )?error|[\w.]*(Error|Exception)):")
+# How `python -m lm_moe` and `python -m lm_moe.sample` report a bad setting.
+_CLI_ERROR_PREFIX = re.compile(r"^python -m [\w.]+: error: ")
+# An exception line of a traceback, the parser's `error:` line, or the CLI's own error line.
+_ERROR_LINE = re.compile(rf"^({_CLI_ERROR_PREFIX.pattern[1:]}|error:|[\w.]*(Error|Exception):)")
 
 
 def error_message(output: str) -> str | None:
     """The last error an lm_moe command printed, with the indented lines that continue it (the
-    parser writes what it expected there); None if there is none."""
+    parser writes what it expected there) and without the CLI's `python -m ...: error: ` prefix;
+    None if there is none."""
     lines = output.splitlines()
     starts = [i for i, line in enumerate(lines) if _ERROR_LINE.match(line.strip())]
     if not starts:
         return None
     continued = itertools.takewhile(lambda line: line.startswith((" ", "\t")), lines[starts[-1] + 1 :])
-    return " ".join(line.strip() for line in [lines[starts[-1]], *continued])
+    message = " ".join(line.strip() for line in [lines[starts[-1]], *continued])
+    return _CLI_ERROR_PREFIX.sub("", message)
 
 
 def _cli(config: str | Path, args: list[str]):
