@@ -24,7 +24,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from lm_moe.layers.mixture_of_tokens import required_batch_multiple
 from lm_moe.lit.callbacks import ImagePredictionWriter, TextPredictionWriter, Throughput
 from lm_moe.lit.checkpoint_callback import LastAndBestCheckpoint
-from lm_moe.lit.checkpoints import read_checkpoint, require_matching_state
+from lm_moe.lit.checkpoints import read_checkpoint, require_matching_state, setting_differences
 from lm_moe.lit.interruption import CheckpointOnInterrupt
 
 RUNS_DIR = "runs"
@@ -158,6 +158,16 @@ class LmMoeCLI(LightningCLI):
         if ckpt_path is not None and ckpt_path not in LIGHTNING_CHECKPOINT_NAMES:
             checkpoint = read_checkpoint(ckpt_path, task=config.get("task"))  # the other task's: refused as such
             require_matching_state(checkpoint["state_dict"], self.model.state_dict())
+            # Same shapes, other settings (another FFN class, top_k, data split, ...): the config's apply.
+            differences = setting_differences(checkpoint["hyper_parameters"], self.model.hparams, "model")
+            differences += setting_differences(
+                checkpoint.get("datamodule_hyper_parameters", {}), self.datamodule.hparams, "data"
+            )
+            if differences:
+                rank_zero_warn(
+                    f"the checkpoint was trained with other settings than this {self.subcommand} uses "
+                    f"(the config's apply): {'; '.join(differences)}"
+                )
 
     def before_validate(self) -> None:
         """before_fit's checks; and evaluating without a checkpoint is the freshly built model:

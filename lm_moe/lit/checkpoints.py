@@ -1,6 +1,9 @@
-"""Checkpoint checks: refuse a checkpoint that does not fit the model, and say why."""
+"""Checkpoint checks: refuse a checkpoint that does not fit the model, and say why; name the
+settings it was trained with that differ from the config's."""
 
+import json
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -58,3 +61,22 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
             f"this needs the checkpoint of {TASK_MODELS[task]} (task: {task})"
         )
     return checkpoint
+
+
+# Settings that do not change what is trained or evaluated: how data is read, how predict samples.
+_UNJUDGED_SETTINGS = {"num_workers", "cache_dir", "compile", "sampling"}
+
+
+def setting_differences(saved: Mapping, current: Mapping, section: str) -> list[str]:
+    """`<section>.<key>: <saved> in the checkpoint, <current> now` for each setting whose value
+    differs, nested ones (model.ffn.init_args.top_k) by their full name."""
+    differences = []
+    for key in sorted(set(saved) | set(current)):
+        if key.startswith("_") or key in _UNJUDGED_SETTINGS:  # _instantiator: Lightning's own
+            continue
+        name, old, new = f"{section}.{key}", saved.get(key), current.get(key)
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            differences += setting_differences(old, new, name)
+        elif json.dumps(old, default=str) != json.dumps(new, default=str):  # a tuple equals its list
+            differences.append(f"{name}: {old!r} in the checkpoint, {new!r} now")
+    return differences

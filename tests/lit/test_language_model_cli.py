@@ -4,6 +4,7 @@ import json
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -223,6 +224,22 @@ def test_ckpt_path_last_without_a_run_says_so(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="no last.ckpt"):
         fit(REPO / "configs/lm/top2.yaml", tmp_path / "cache", "--ckpt_path=last")
+
+
+def test_a_checkpoint_trained_with_other_settings_of_the_same_shapes_is_named_in_a_warning(trained_top2, monkeypatch):
+    work, cache = trained_top2
+    monkeypatch.chdir(work)
+    checkpoint = work / "runs/top2/version_0/checkpoints/last.ckpt"
+    validate = ["validate", "-c", str(REPO / "configs/lm/top2.yaml"), *tiny_args(cache), f"--ckpt_path={checkpoint}",
+                "--trainer.logger=false"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=r"(?!the checkpoint was trained with other settings)")
+        cli.main(validate)  # the settings it was trained with: no warning
+    message = (r"the checkpoint was trained with other settings than this validate uses \(the config's apply\): "
+               r"model.ffn.init_args.top_k: 2 in the checkpoint, 1 now; data.seed: 1234 in the checkpoint, 7 now")
+    with pytest.warns(UserWarning, match=message):
+        cli.main([*validate, "--data.seed=7", "--model.ffn.init_args.top_k=1"])
 
 
 def test_checkpoint_of_another_architecture_is_refused_before_any_data_work(trained_top2, tmp_path, monkeypatch):
