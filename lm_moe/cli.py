@@ -31,7 +31,7 @@ RUNS_DIR = "runs"
 LIGHTNING_CHECKPOINT_NAMES = ("hpc", "registry")  # --ckpt_path values Lightning resolves itself
 CKPT_PATH_HELP = (
     "checkpoint to start from (fit: resume its step, optimiser, schedule and batch order). "
-    '"last": the last.ckpt of the newest version of this run (<save_dir>/<name>/version_* of the logger); '
+    '"last": the last.ckpt of the newest version of this run (<save_dir>/<name>/<version> of the logger); '
     '"best": the checkpoint with the best monitored score over every version of this run; '
     "or a file path (default: null, a fresh run for fit, the model as built otherwise)"
 )
@@ -39,10 +39,11 @@ CKPT_PATH_HELP = (
 
 def newest_last_checkpoint(logger_root: Path) -> Path:
     """The `last.ckpt` of the newest run version under `logger_root` (runs/<name>)."""
-    candidates = sorted(logger_root.glob("version_*/checkpoints/last.ckpt"), key=lambda path: path.stat().st_mtime)
+    # Every version folder: version_<n>, or the name a logger's `version` setting gave it.
+    candidates = sorted(logger_root.glob("*/checkpoints/last.ckpt"), key=lambda path: path.stat().st_mtime)
     if not candidates:
         raise FileNotFoundError(
-            f"--ckpt_path last: no last.ckpt under {logger_root}/version_*/checkpoints/; "
+            f"--ckpt_path last: no last.ckpt under {logger_root}/*/checkpoints/; "
             "train first, or give the checkpoint's path"
         )
     return candidates[-1]
@@ -54,7 +55,7 @@ def best_checkpoint(logger_root: Path, mode: str) -> Path:
     resolves `best` only within the process that trained, and a resumed run starts its own best
     afresh in its new version folder.)"""
     scored = []
-    for path in logger_root.glob("version_*/checkpoints/*.ckpt"):
+    for path in logger_root.glob("*/checkpoints/*.ckpt"):
         if path.stem.startswith("last"):
             continue
         try:
@@ -67,7 +68,7 @@ def best_checkpoint(logger_root: Path, mode: str) -> Path:
             scored.append((float(score), path))
     if not scored:
         raise FileNotFoundError(
-            f"--ckpt_path best: no checkpoint with a monitored score under {logger_root}/version_*/checkpoints/; "
+            f"--ckpt_path best: no checkpoint with a monitored score under {logger_root}/*/checkpoints/; "
             "train first (with validation), or give the checkpoint's path"
         )
     return (min if mode == "min" else max)(scored)[1]

@@ -220,6 +220,15 @@ def test_help_describes_ckpt_path_as_resolved_here(subcommand, capsys):
     assert "previous `trainer.fit` call" not in help_text  # Lightning's own description
 
 
+def test_ckpt_path_last_finds_a_version_folder_the_logger_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fit(REPO / "configs/lm/dense.yaml", tmp_path / "cache", "--trainer.logger.init_args.version=first", steps=2)
+    resumed = fit(REPO / "configs/lm/dense.yaml", tmp_path / "cache", "--trainer.logger.init_args.version=second",
+                  "--ckpt_path=last")
+    assert Path(resumed.trainer.ckpt_path).parts[-3:] == ("first", "checkpoints", "last.ckpt")
+    assert resumed.trainer.global_step == 4
+
+
 def test_ckpt_path_last_without_a_run_says_so(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="no last.ckpt"):
