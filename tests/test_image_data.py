@@ -196,6 +196,15 @@ def test_bad_arguments_name_the_problem(tmp_path, kwargs, message):
         folder_module(tmp_path, make_image_folder(tmp_path / "images"), **kwargs)
 
 
+def test_a_truncated_image_is_named_in_the_error(tmp_path):
+    folder = make_image_folder(tmp_path / "images", sizes=((64, 64),))
+    damaged = folder / "dog" / "2.png"
+    damaged.write_bytes(damaged.read_bytes()[:300])  # a header, and only the start of the pixels
+    module = folder_module(tmp_path, folder, image_size=8)
+    with pytest.raises(ValueError, match=r"image \d+ \(.*dog/2.png\) of the 'train' split of data_dir=.* could not be read"):
+        module.setup("fit")
+
+
 def test_too_few_training_images_for_one_batch_is_refused(tmp_path):
     module = folder_module(tmp_path, make_image_folder(tmp_path / "images"), batch_size=64, image_size=8)
     with pytest.raises(ValueError, match="fewer than batch_size=64"):

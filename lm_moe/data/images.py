@@ -23,6 +23,7 @@ Pipeline:
 from __future__ import annotations
 
 import importlib.util
+import io
 import math
 import os
 
@@ -149,6 +150,9 @@ class ImageTensors(Dataset):
         if self.horizontal_flip and torch.rand(()) < 0.5:
             image = image.flip(-1)
         return {"images": (image.float() / 255 - self.mean) / self.std, "labels": self.labels[index]}
+
+
+_DECODE_BATCH = 512  # images `datasets` decodes at a time
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -347,14 +351,32 @@ class ImageDataModule(pl.LightningDataModule):
         pixels = np.empty((len(split), C, S, S), dtype=np.uint8)
         labels = np.empty(len(split), dtype=np.int64)
         start = 0
-        for batch in split.select_columns([self.image_column, self.label_column]).iter(batch_size=512):
-            images, values = batch[self.image_column], batch[self.label_column]
-            for i, image in enumerate(images):
-                self._check_channels(image, split_name, start + i)
-                pixels[start + i] = to_pixels(image, S, C)
-            labels[start : start + len(values)] = values if self._label_index is None else [self._label_index[v] for v in values]
-            start += len(values)
+        try:
+            for batch in split.select_columns([self.image_column, self.label_column]).iter(batch_size=_DECODE_BATCH):
+                images, values = batch[self.image_column], batch[self.label_column]
+                for i, image in enumerate(images):
+                    self._check_channels(image, split_name, start + i)
+                    pixels[start + i] = to_pixels(image, S, C)
+                labels[start : start + len(values)] = values if self._label_index is None else [self._label_index[v] for v in values]
+                start += len(values)
+        except OSError as error:  # a damaged file: `datasets` decodes a whole batch, so find which one
+            raise ValueError(
+                f"{self._unreadable_image(split, start)} of the {split_name!r} split of {self._source()} "
+                f"could not be read: {error}"
+            ) from error
         return torch.from_numpy(pixels), torch.from_numpy(labels)
+
+    def _unreadable_image(self, split: datasets.Dataset, start: int) -> str:
+        """'image <index> (<file>)': the first image from `start` on that PIL cannot read."""
+        undecoded = split.cast_column(self.image_column, datasets.Image(decode=False))
+        for index in range(start, min(start + _DECODE_BATCH, len(split))):
+            stored = undecoded[index][self.image_column]  # {"path": ..., "bytes": ...}
+            try:
+                with Image.open(stored["path"] if stored["bytes"] is None else io.BytesIO(stored["bytes"])) as image:
+                    image.load()
+            except OSError:
+                return f"image {index} ({stored['path']})"
+        return f"an image among {start} to {start + _DECODE_BATCH - 1}"
 
     def _check_channels(self, image: Image.Image, split_name: str, index: int) -> None:
         """Without convert_channels, an image of the other kind than the data's is an error."""
