@@ -282,6 +282,11 @@ def task_of(args: list[str]) -> str:
     return task
 
 
+def configs_not_of_task(configs, task: str) -> list[str]:
+    """The config files of `configs` that do not exist or are of another task than `task`."""
+    return [str(config) for config in configs if not Path(config).is_file() or task_of(["-c", str(config)]) != task]
+
+
 def main(args: list[str] | None = None, run: bool = True) -> LmMoeCLI:
     """Parse `args` (default: the command line) and run the subcommand; with `run=False` only build
     the model, data module and trainer of a config (no subcommand in `args`)."""

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from lm_moe.cli import task_of
+from lm_moe.cli import configs_not_of_task
 from lm_moe.cpu_allocator import tune_cpu_allocator
 from lm_moe.layers.mixture_of_tokens import required_batch_multiple
 from lm_moe.profiling.inference import round_up
@@ -67,7 +67,7 @@ def main() -> None:
     if min(args.contexts) <= 0 or args.batch <= 0 or args.steps <= 0 or args.repeats <= 0:
         parser.error("--contexts, --batch, --steps and --repeats must be positive")
     configs = args.config or sorted((REPO / "configs/lm").glob("*.yaml"))
-    not_lm = [str(config) for config in configs if not config.is_file() or task_of(["-c", str(config)]) != "lm"]
+    not_lm = configs_not_of_task(configs, "lm")
     if not_lm:
         parser.error(f"decoding is for language-model configs (task: lm) that exist; not: {not_lm}")
     tune_cpu_allocator()

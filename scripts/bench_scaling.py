@@ -23,7 +23,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from lm_moe.cli import task_of
+from lm_moe.cli import configs_not_of_task
 from lm_moe.profiling.training_curves import median_scalar
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def main() -> None:
         parser.error(f"--warmup must be in [0, --steps), got {args.warmup} with --steps {args.steps}")
     if args.rounds < 1 or args.batch < 1:
         parser.error(f"--rounds and --batch must be >= 1, got {args.rounds} and {args.batch}")
-    if not args.config.is_file() or task_of(["-c", str(args.config)]) != "lm":
+    if configs_not_of_task([args.config], "lm"):
         parser.error(f"no language-model config at {args.config}")
     args.config = args.config.resolve()  # the fits run in a scratch folder
     quick, ddp = REPO / "configs/trainer/cpu_quick.yaml", REPO / "configs/trainer/cpu_ddp.yaml"

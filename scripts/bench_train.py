@@ -130,7 +130,7 @@ def parse_timing_options(parser: argparse.ArgumentParser, trainer: Path, task: s
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
     if not args.trainer.is_file():
         parser.error(f"no trainer preset at {args.trainer}")
-    wrong = [str(config) for config in args.config or [] if not config.is_file() or cli.task_of(["-c", str(config)]) != task]
+    wrong = cli.configs_not_of_task(args.config or [], task)
     if wrong:
         parser.error(f"this benchmark times configs of task {task} that exist; not: {', '.join(wrong)}")
     return args

@@ -29,7 +29,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lm_moe.cli import task_of
+from lm_moe.cli import configs_not_of_task
 from lm_moe.profiling.comparison import (
     EvaluationSettings,
     SweepSettings,
@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         parser.error(f"the configs' file names name the variants and must differ, got {names}")
     if missing := [str(config) for config in args.configs if not config.is_file()]:
         parser.error(f"no config file at {', '.join(missing)}")
-    if not_lm := [str(config) for config in args.configs if task_of(["-c", str(config)]) != "lm"]:
+    if not_lm := configs_not_of_task(args.configs, "lm"):
         parser.error(f"the comparison trains language models; not LM configs: {', '.join(not_lm)}")
     return args, overrides
 

@@ -86,7 +86,7 @@ def fit_command(config: Path, run_dir: Path, settings: SweepSettings, batches_pe
         f"--trainer.max_steps={settings.max_steps}",
         # Lightning counts this interval in batches, not optimizer steps.
         f"--trainer.val_check_interval={settings.val_every * batches_per_step}",
-        "--trainer.check_val_every_n_epoch=null",  # count the interval in steps across epochs
+        "--trainer.check_val_every_n_epoch=null",  # count the interval across epochs
         "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={run_dir}",
         f"--trainer.logger.init_args.save_dir={run_dir.parent}",
