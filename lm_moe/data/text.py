@@ -67,7 +67,7 @@ def resolve_data_files(data_files: str | list[str]) -> list[str]:
     """Expand paths and globs (in the order given, each glob sorted); each must match non-empty files.
     A file that several patterns match is read once: twice, its documents could land in both splits."""
     patterns = [data_files] if isinstance(data_files, str) else list(data_files)
-    files = []
+    files, seen = [], set()  # seen: the real paths of `files`
     for pattern in patterns:
         matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
         matches = [path for path in matches if os.path.isfile(path)]
@@ -75,7 +75,10 @@ def resolve_data_files(data_files: str | list[str]) -> list[str]:
             raise FileNotFoundError(
                 f"no data file found at {pattern!r} (for a folder, give a glob such as 'dir/*.txt')"
             )
-        files += [path for path in matches if os.path.realpath(path) not in map(os.path.realpath, files)]
+        for path in matches:
+            if os.path.realpath(path) not in seen:
+                seen.add(os.path.realpath(path))
+                files.append(path)
     for path in files:
         if os.path.getsize(path) == 0:
             raise ValueError(f"data file {path!r} is empty")
