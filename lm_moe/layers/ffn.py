@@ -140,7 +140,9 @@ class DenseFFN(nn.Module):
         self.expert = ExpertWeights(1, dim, hidden_dim, activation)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
-        """`mask` [B, T] (True = real token) is accepted for interface parity; a dense FFN is per token."""
+        """`mask` [B, T] (True = real token): padded positions output 0, as in every MoE layer."""
         check_layer_input(x, mask, self.expert.dim)
-        y = self.expert.forward_batched(x.reshape(1, -1, x.shape[-1]))  # [1, B*T, D]
-        return y.reshape(x.shape), LayerAux.empty(x)
+        y = self.expert.forward_batched(x.reshape(1, -1, x.shape[-1])).reshape(x.shape)  # [B, T, D]
+        if mask is not None:
+            y = y * mask.unsqueeze(-1)
+        return y, LayerAux.empty(x)

@@ -1,4 +1,4 @@
-"""Every FFN layer refuses, by shape and dtype, an input or mask it cannot take."""
+"""Every FFN layer refuses, by shape and dtype, an input or mask it cannot take, and outputs 0 at padding."""
 
 import pytest
 import torch
@@ -22,6 +22,8 @@ LAYERS = {
     [
         ((2, 5), None, r"x must be \[batch, tokens, dim\] with dim=8, got shape \(2, 5\)"),
         ((2, 5, 6), None, r"with dim=8, got shape \(2, 5, 6\)"),
+        ((2, 0, 8), None, r"x must hold at least one sequence of at least one token, got shape \(2, 0, 8\)"),
+        ((0, 5, 8), None, r"at least one sequence .*got shape \(0, 5, 8\)"),
         ((2, 5, 8), torch.ones(2, 5), r"mask must be a bool tensor of shape .* = \(2, 5\).*got torch.float32 of shape \(2, 5\)"),
         ((2, 5, 8), torch.ones(2, 4, dtype=torch.bool), r"got torch.bool of shape \(2, 4\)"),
     ],
@@ -32,8 +34,9 @@ def test_bad_input_or_mask_is_refused_by_shape_and_dtype(name, shape, mask, mess
 
 
 @pytest.mark.parametrize("name", LAYERS)
-def test_a_bool_mask_of_the_batch_shape_is_taken(name):
+def test_a_bool_mask_of_the_batch_shape_is_taken_and_padding_outputs_zero(name):
     mask = torch.ones(2, 5, dtype=torch.bool)
     mask[0, 3:] = False
     y, _ = LAYERS[name]()(torch.randn(2, 5, 8), mask)
     assert y.shape == (2, 5, 8)
+    assert y[0, 3:].abs().max() == 0 and y[mask].abs().min() > 0
