@@ -21,6 +21,7 @@ from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from lm_moe.argument_checks import require_non_negative_float
 from lm_moe.layers.mixture_of_tokens import required_batch_multiple
 from lm_moe.lit.callbacks import ImagePredictionWriter, TextPredictionWriter, Throughput
 from lm_moe.lit.checkpoint_callback import LastAndBestCheckpoint
@@ -146,6 +147,9 @@ class LmMoeCLI(LightningCLI):
         """Before any data work, refuse a checkpoint that is not one of lm_moe's, of the other task,
         or does not fit the model this config builds. (The module checks again when Lightning loads
         it, but only after the data is prepared, which can take minutes for a new corpus.)"""
+        if self.subcommand == "fit" and self.trainer.gradient_clip_val is not None:
+            # Lightning skips clipping for any value <= 0, so a negative one would train unclipped unnoticed.
+            require_non_negative_float("trainer.gradient_clip_val", self.trainer.gradient_clip_val)
         if self.trainer.logger is None:  # Lightning's learning-rate monitor refuses to start without one
             self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, LearningRateMonitor)]
         multiple = required_batch_multiple(self.model)

@@ -299,6 +299,7 @@ def test_loss_goes_down_on_a_tiny_fixed_corpus(tmp_path, monkeypatch):
         ("--model.min_lr_ratio=2", r"min_lr_ratio must be a number in \[0, 1\], got 2"),
         ("--model.sampling.top_p=1.5", r"sampling.top_p must be a number in \(0, 1\] or None, got 1.5"),
         ("--data.val_fraction=0", r"val_fraction must be a number in \(0, 1\), got 0"),
+        ("--trainer.gradient_clip_val=-1", r"trainer.gradient_clip_val must be a number >= 0, got -1"),
     ],
 )
 def test_bad_settings_fail_before_anything_is_written(tmp_path, monkeypatch, override, message):
