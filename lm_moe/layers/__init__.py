@@ -1,9 +1,10 @@
-"""Feed-forward layers with one contract: `y, aux = layer(x, mask=None)`, x and y [B, T, D].
+"""Feed-forward layers with one contract (`FeedForwardLayer`): `y, aux = layer(x, mask=None)`, x and y [B, T, D].
 
 Causal layers that mix tokens also decode incrementally: `y, state = layer.decode(x_new, state)`.
 """
 
 from lm_moe.layers.cumulative_soft_moe import CumulativeSoftMoE
+from lm_moe.layers.feed_forward_layer import FeedForwardLayer
 from lm_moe.layers.ffn import ACTIVATIONS, DenseFFN, ExpertWeights
 from lm_moe.layers.lagged_chunk_soft_moe import LaggedChunkSoftMoE
 from lm_moe.layers.layer_output import LayerAux
@@ -17,6 +18,7 @@ __all__ = [
     "CumulativeSoftMoE",
     "DenseFFN",
     "ExpertWeights",
+    "FeedForwardLayer",
     "LaggedChunkSoftMoE",
     "LayerAux",
     "MixtureOfTokens",

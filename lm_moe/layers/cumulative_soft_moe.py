@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm_moe.argument_checks import require_positive_float, require_positive_int
+from lm_moe.layers.feed_forward_layer import FeedForwardLayer
 from lm_moe.layers.ffn import ExpertWeights, compute_dtype
 from lm_moe.layers.inputs import check_layer_input
 from lm_moe.layers.layer_output import LayerAux, deferred_stats
@@ -58,7 +59,7 @@ class CumulativeState(NamedTuple):
     den: torch.Tensor  # [B, S]
 
 
-class CumulativeSoftMoE(nn.Module):
+class CumulativeSoftMoE(FeedForwardLayer):
     """Causal Soft MoE, every position pooling all S slots over its prefix: x [B, T, D] ->
     (y [B, T, D], LayerAux with zero loss). See the module docstring for the math.
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm_moe.argument_checks import require_choice, require_positive_int
+from lm_moe.layers.feed_forward_layer import FeedForwardLayer
 from lm_moe.layers.inputs import check_layer_input
 from lm_moe.layers.layer_output import LayerAux
 
@@ -130,7 +131,7 @@ class ExpertWeights(nn.Module):
         return self._grouped(padded, padded_rows).index_select(0, positions)  # [M, D]
 
 
-class DenseFFN(nn.Module):
+class DenseFFN(FeedForwardLayer):
     """The dense MLP baseline with the MoE layer contract: x [B, T, D] -> (y [B, T, D], LayerAux)."""
 
     is_causal = True  # per token

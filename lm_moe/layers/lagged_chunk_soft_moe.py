@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm_moe.argument_checks import require_choice, require_positive_int
+from lm_moe.layers.feed_forward_layer import FeedForwardLayer
 from lm_moe.layers.ffn import ExpertWeights, compute_dtype
 from lm_moe.layers.inputs import check_layer_input
 from lm_moe.layers.layer_output import LayerAux, deferred_stats
@@ -58,7 +59,7 @@ class LaggedChunkState(NamedTuple):
     lagged_outputs: torch.Tensor  # [B, S, D] O of the previous chunk: what the current chunk combines
 
 
-class LaggedChunkSoftMoE(nn.Module):
+class LaggedChunkSoftMoE(FeedForwardLayer):
     """Causal Soft MoE with per-chunk slots read one chunk later, plus a dense shared expert:
     x [B, T, D] -> (y [B, T, D], LayerAux with zero loss). See the module docstring for the math.
 

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from lm_moe.argument_checks import require_positive_int
+from lm_moe.layers.feed_forward_layer import FeedForwardLayer
 from lm_moe.layers.ffn import ExpertWeights, compute_dtype
 from lm_moe.layers.inputs import check_layer_input
 from lm_moe.layers.layer_output import LayerAux, deferred_stats
@@ -44,7 +45,7 @@ from lm_moe.layers.routing import entropy, masked_mean
 from lm_moe.layers.soft_moe import combine_stats, soft_routing_logits
 
 
-class MixtureOfTokens(nn.Module):
+class MixtureOfTokens(FeedForwardLayer):
     """Mixture of Tokens layer: x [B, T, D] -> (y [B, T, D], LayerAux with zero loss), B a
     multiple of `group_size`.
 

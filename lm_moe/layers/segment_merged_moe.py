@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm_moe.argument_checks import require_choice, require_positive_int
+from lm_moe.layers.feed_forward_layer import FeedForwardLayer
 from lm_moe.layers.ffn import ExpertWeights, compute_dtype
 from lm_moe.layers.inputs import check_layer_input
 from lm_moe.layers.layer_output import LayerAux, deferred_stats
@@ -71,15 +72,13 @@ class _Segments:
     last_w_out: torch.Tensor  # [B, H, D]
 
 
-class SegmentMergedMoE(nn.Module):
+class SegmentMergedMoE(FeedForwardLayer):
     """Segment-routed, weight-merged MoE: x [B, T, D] -> (y [B, T, D], LayerAux with zero loss).
 
     aux.stats: routing_entropy (mean over segments of the entropy of r^k; ln E = uniform merge),
     expert_weights [E] (mean routing weight of each expert) and expert_weight_spread (its
     coefficient of variation: 0 = every expert used equally).
     """
-
-    per_example_deterministic = True
 
     def __init__(
         self,

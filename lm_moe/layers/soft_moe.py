@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm_moe.argument_checks import require_positive_int
+from lm_moe.layers.feed_forward_layer import FeedForwardLayer
 from lm_moe.layers.ffn import ExpertWeights, compute_dtype
 from lm_moe.layers.inputs import check_layer_input
 from lm_moe.layers.layer_output import LayerAux, deferred_stats
@@ -59,7 +60,7 @@ def combine_stats(logits: torch.Tensor, combine: torch.Tensor, valid: torch.Tens
     }
 
 
-class SoftMoE(nn.Module):
+class SoftMoE(FeedForwardLayer):
     """Soft MoE layer: x [B, T, D] -> (y [B, T, D], LayerAux with zero loss).
 
     `mask` [B, T] (True = real token) keeps padding out of every slot; padded positions output 0.

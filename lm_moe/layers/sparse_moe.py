@@ -1,7 +1,6 @@
 """Sparse top-k Mixture of Experts (Switch / ST-MoE / Mixtral style), dropless by default."""
 
 import torch
-from torch import nn
 
 from lm_moe.argument_checks import (
     require_choice,
@@ -10,6 +9,7 @@ from lm_moe.argument_checks import (
     require_positive_float,
     require_positive_int,
 )
+from lm_moe.layers.feed_forward_layer import FeedForwardLayer
 from lm_moe.layers.ffn import ExpertWeights
 from lm_moe.layers.inputs import check_layer_input
 from lm_moe.layers.layer_output import LayerAux, deferred_stats
@@ -43,7 +43,7 @@ CAPACITY_PRIORITIES = ("position", "gshard")
 CAPACITY_GROUPS = ("sequence", "batch")
 
 
-class TopKMoE(nn.Module):
+class TopKMoE(FeedForwardLayer):
     """Each token goes to its `top_k` best experts; the output is the gate-weighted sum.
 
     x [B, T, D] -> (y [B, T, D], LayerAux). Tokens are sorted by expert and all experts run in

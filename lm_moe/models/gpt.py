@@ -16,6 +16,7 @@ from torch import nn
 
 from lm_moe.layers.attention import KVCache
 from lm_moe.layers.block import BlockCache, TransformerBlock
+from lm_moe.layers.feed_forward_layer import FeedForwardLayer
 from lm_moe.argument_checks import require_choice, require_fraction, require_positive_int
 from lm_moe.layers.ffn import ACTIVATIONS, DenseFFN, ExpertWeights
 
@@ -77,7 +78,7 @@ class GPT(nn.Module):
         n_layer: int = 4,
         n_head: int = 4,
         dim: int = 256,
-        ffn: Callable[[int], nn.Module] | None = None,
+        ffn: Callable[[int], FeedForwardLayer] | None = None,
         moe_blocks: str = "all",
         dense_hidden_dim: int | None = None,
         dense_activation: str = "gelu",
@@ -94,7 +95,7 @@ class GPT(nn.Module):
         if dim % n_head:
             raise ValueError(f"dim must be divisible by n_head, got dim={dim}, n_head={n_head}")
         if ffn is not None and not callable(ffn):
-            raise ValueError(f"ffn must be a callable dim -> nn.Module or None, got {ffn!r}")
+            raise ValueError(f"ffn must be a callable dim -> FeedForwardLayer or None, got {ffn!r}")
         moe_indices = moe_block_indices(moe_blocks, n_layer)
         if dense_hidden_dim is not None:
             require_positive_int("dense_hidden_dim", dense_hidden_dim)

@@ -20,6 +20,7 @@ from torch import nn
 
 from lm_moe.argument_checks import require_choice, require_fraction, require_positive_int
 from lm_moe.layers.encoder_attention import EncoderSelfAttention
+from lm_moe.layers.feed_forward_layer import FeedForwardLayer
 from lm_moe.layers.ffn import DenseFFN, ExpertWeights
 from lm_moe.layers.layer_output import LayerAux
 from lm_moe.models.gpt import moe_block_indices
@@ -63,7 +64,7 @@ class ViT(nn.Module):
         dim: int = 128,
         depth: int = 6,
         n_head: int = 4,
-        mlp: Callable[[int], nn.Module] | None = None,
+        mlp: Callable[[int], FeedForwardLayer] | None = None,
         moe_blocks: str = "second_half",
         dense_hidden_dim: int | None = None,
         pool: str = "mean",
@@ -85,7 +86,7 @@ class ViT(nn.Module):
         if dim % n_head:
             raise ValueError(f"dim must be divisible by n_head, got dim={dim}, n_head={n_head}")
         if mlp is not None and not callable(mlp):
-            raise ValueError(f"mlp must be a callable dim -> nn.Module or None, got {mlp!r}")
+            raise ValueError(f"mlp must be a callable dim -> FeedForwardLayer or None, got {mlp!r}")
         moe_indices = moe_block_indices(moe_blocks, depth)
         if dense_hidden_dim is not None:
             require_positive_int("dense_hidden_dim", dense_hidden_dim)

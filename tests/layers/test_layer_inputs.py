@@ -40,3 +40,13 @@ def test_a_bool_mask_of_the_batch_shape_is_taken_and_padding_outputs_zero(name):
     y, _ = LAYERS[name]()(torch.randn(2, 5, 8), mask)
     assert y.shape == (2, 5, 8)
     assert y[0, 3:].abs().max() == 0 and y[mask].abs().min() > 0
+
+
+def test_every_layer_is_a_feed_forward_layer_and_one_without_forward_says_what_it_lacks():
+    assert all(isinstance(make(), layers.FeedForwardLayer) for make in LAYERS.values())
+
+    class Incomplete(layers.FeedForwardLayer):
+        pass
+
+    with pytest.raises(NotImplementedError, match=r"Incomplete must define forward\(x, mask=None\) -> \(y, LayerAux\)"):
+        Incomplete()(torch.randn(1, 2, 8))

@@ -376,6 +376,20 @@ def test_sample_command_reports_user_errors_in_one_line(trained_top2, tmp_path, 
         assert captured.err.count("\n") == 1 and not captured.out
 
 
+@pytest.mark.parametrize("config, setting", [("configs/lm/top2.yaml", "--model.ffn"), ("configs/vit/soft_moe.yaml", "--model.mlp")])
+def test_the_ffn_setting_lists_the_layers_and_refuses_other_modules(config, setting, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "-c", str(REPO / config), "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    listed = help_text.split(f"{setting} ")[-1].split("--model.moe_blocks")[0]
+    assert "lm_moe.layers.TopKMoE" in listed and "lm_moe.layers.CumulativeSoftMoE" in listed
+    assert "torch.nn" not in listed  # not every torch module there is
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", "-c", str(REPO / config), setting, "torch.nn.Linear"])
+    assert exit_info.value.code == 2
+    assert "Expected 'torch.nn.Linear' to be a subclass of <class 'FeedForwardLayer'>" in capsys.readouterr().err
+
+
 def test_sample_help_names_the_value_that_means_all_tokens(capsys):
     with pytest.raises(SystemExit):
         sample.main(["--help"])
