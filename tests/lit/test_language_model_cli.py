@@ -146,6 +146,44 @@ def test_an_interrupted_run_writes_last_ckpt_at_the_step_it_reached_and_resumes_
     assert {float(state["step"]) for state in resumed.trainer.optimizers[0].state.values()} == {5.0}
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_during_validation_lets_it_finish_then_stops_at_that_step(tmp_path, monkeypatch, signum):
+    monkeypatch.chdir(tmp_path)
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            fit(REPO / "configs/lm/top2.yaml", tmp_path / "cache", "--trainer.limit_val_batches=3",
+                "--trainer.callbacks+=tests.lit.tiny_runs.SignalAtStep", "--trainer.callbacks.step=2",
+                f"--trainer.callbacks.signum={int(signum)}", "--trainer.callbacks.in_validation=true", steps=8)
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    assert stopped.value.code == {signal.SIGINT: 1, signal.SIGTERM: 128 + signal.SIGTERM}[signum]
+    checkpoints = tmp_path / "runs/top2/version_0/checkpoints"
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["best-2.ckpt", "last.ckpt"]  # scored
+    saved = torch.load(checkpoints / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 2  # no step after the validation
+    # All 3 validation batches ran (Lightning alone stopped after the signal's batch, and the
+    # resumed run skipped the rest).
+    assert saved["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]["total"]["completed"] == 3
+
+
+def test_with_gradient_accumulation_an_interruption_stops_after_an_optimizer_step(tmp_path, monkeypatch):
+    # The signal comes as the first of step 3's two batches starts: stopping after it would lose its gradients.
+    monkeypatch.chdir(tmp_path)
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit):
+            fit(REPO / "configs/lm/top2.yaml", tmp_path / "cache", "--trainer.accumulate_grad_batches=2",
+                "--trainer.limit_val_batches=0", "--trainer.callbacks+=tests.lit.tiny_runs.SignalAtStep",
+                "--trainer.callbacks.step=2", f"--trainer.callbacks.signum={int(signal.SIGTERM)}", steps=8)
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    saved = torch.load(tmp_path / "runs/top2/version_0/checkpoints/last.ckpt", weights_only=False)
+    assert saved["global_step"] == 3
+    assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"] == 6  # both of step 3's
+
+
 def test_with_last_as_a_link_an_interruption_writes_its_own_last_ckpt_and_keeps_the_best(tmp_path, monkeypatch):
     # save_last="link" makes last.ckpt a link to the best checkpoint: writing through it would overwrite the best.
     monkeypatch.chdir(tmp_path)

@@ -24,14 +24,20 @@ def tiny_run_args(cache_dir: Path, steps: int) -> list[str]:
 
 class SignalAtStep(pl.Callback):
     """Sends this process signal `signum` as training step `step` starts, as Ctrl-C (SIGINT) or a
-    scheduler's preemption (SIGTERM) would. For the CLI: `--trainer.callbacks+=tests.lit.tiny_runs.SignalAtStep`."""
+    scheduler's preemption (SIGTERM) would; with `in_validation`, during the second batch of the
+    validation after step `step` instead. For the CLI: `--trainer.callbacks+=tests.lit.tiny_runs.SignalAtStep`."""
 
-    def __init__(self, step: int, signum: int):
+    def __init__(self, step: int, signum: int, in_validation: bool = False):
         self.step = step
         self.signum = signum
+        self.in_validation = in_validation
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
+        if not self.in_validation and trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.in_validation and not trainer.sanity_checking and trainer.global_step == self.step and batch_idx == 1:
             os.kill(os.getpid(), self.signum)
 
 
