@@ -124,20 +124,31 @@ def test_resume_from_last_continues_step_count_and_optimizer(trained_top2, monke
     assert adam_steps == {6.0}  # Adam's moments continued from step 4, not from scratch
 
 
+EXIT_STATUS = {signal.SIGINT: 1, signal.SIGTERM: 128 + signal.SIGTERM}  # not success
+
+
+def interrupted_fit(tmp_path: Path, signum: int, *overrides: str, in_validation: bool = False) -> int:
+    """Fit top2 for up to 8 steps with `signum` sent as step 2 starts (or during the validation
+    after it); the exit status it stopped with."""
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            fit(REPO / "configs/lm/top2.yaml", tmp_path / "cache", *overrides,
+                "--trainer.callbacks+=tests.lit.tiny_runs.SignalAtStep", "--trainer.callbacks.step=2",
+                f"--trainer.callbacks.signum={int(signum)}", f"--trainer.callbacks.in_validation={in_validation}",
+                steps=8)
+    finally:  # Lightning ignores Ctrl-C once it has stopped on one
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+    return stopped.value.code
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_an_interrupted_run_writes_last_ckpt_at_the_step_it_reached_and_resumes_there(tmp_path, monkeypatch, signum):
     # No validation, so no checkpoint before the interruption: without one, the run would restart at 0.
     monkeypatch.chdir(tmp_path)
     no_validation = "--trainer.limit_val_batches=0"
-    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            fit(REPO / "configs/lm/top2.yaml", tmp_path / "cache", no_validation, "--trainer.callbacks+=tests.lit.tiny_runs.SignalAtStep",
-                "--trainer.callbacks.step=2", f"--trainer.callbacks.signum={int(signum)}", steps=8)
-    finally:  # Lightning ignores Ctrl-C once it has stopped on one
-        for number, handler in handlers.items():
-            signal.signal(number, handler)
-    assert stopped.value.code == {signal.SIGINT: 1, signal.SIGTERM: 128 + signal.SIGTERM}[signum]  # not success
+    assert interrupted_fit(tmp_path, signum, no_validation) == EXIT_STATUS[signum]
     saved = torch.load(tmp_path / "runs/top2/version_0/checkpoints/last.ckpt", weights_only=False)
     assert saved["global_step"] == 3  # the step under way when the signal came was finished
 
@@ -149,16 +160,7 @@ def test_an_interrupted_run_writes_last_ckpt_at_the_step_it_reached_and_resumes_
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_signal_during_validation_lets_it_finish_then_stops_at_that_step(tmp_path, monkeypatch, signum):
     monkeypatch.chdir(tmp_path)
-    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            fit(REPO / "configs/lm/top2.yaml", tmp_path / "cache", "--trainer.limit_val_batches=3",
-                "--trainer.callbacks+=tests.lit.tiny_runs.SignalAtStep", "--trainer.callbacks.step=2",
-                f"--trainer.callbacks.signum={int(signum)}", "--trainer.callbacks.in_validation=true", steps=8)
-    finally:
-        for number, handler in handlers.items():
-            signal.signal(number, handler)
-    assert stopped.value.code == {signal.SIGINT: 1, signal.SIGTERM: 128 + signal.SIGTERM}[signum]
+    assert interrupted_fit(tmp_path, signum, "--trainer.limit_val_batches=3", in_validation=True) == EXIT_STATUS[signum]
     checkpoints = tmp_path / "runs/top2/version_0/checkpoints"
     assert sorted(path.name for path in checkpoints.iterdir()) == ["best-2.ckpt", "last.ckpt"]  # scored
     saved = torch.load(checkpoints / "last.ckpt", weights_only=False)
@@ -171,14 +173,7 @@ def test_a_signal_during_validation_lets_it_finish_then_stops_at_that_step(tmp_p
 def test_with_gradient_accumulation_an_interruption_stops_after_an_optimizer_step(tmp_path, monkeypatch):
     # The signal comes as the first of step 3's two batches starts: stopping after it would lose its gradients.
     monkeypatch.chdir(tmp_path)
-    handler = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit):
-            fit(REPO / "configs/lm/top2.yaml", tmp_path / "cache", "--trainer.accumulate_grad_batches=2",
-                "--trainer.limit_val_batches=0", "--trainer.callbacks+=tests.lit.tiny_runs.SignalAtStep",
-                "--trainer.callbacks.step=2", f"--trainer.callbacks.signum={int(signal.SIGTERM)}", steps=8)
-    finally:
-        signal.signal(signal.SIGTERM, handler)
+    interrupted_fit(tmp_path, signal.SIGTERM, "--trainer.accumulate_grad_batches=2", "--trainer.limit_val_batches=0")
     saved = torch.load(tmp_path / "runs/top2/version_0/checkpoints/last.ckpt", weights_only=False)
     assert saved["global_step"] == 3
     assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"] == 6  # both of step 3's
@@ -187,14 +182,7 @@ def test_with_gradient_accumulation_an_interruption_stops_after_an_optimizer_ste
 def test_with_last_as_a_link_an_interruption_writes_its_own_last_ckpt_and_keeps_the_best(tmp_path, monkeypatch):
     # save_last="link" makes last.ckpt a link to the best checkpoint: writing through it would overwrite the best.
     monkeypatch.chdir(tmp_path)
-    handler = signal.getsignal(signal.SIGINT)
-    try:
-        with pytest.raises(SystemExit):
-            fit(REPO / "configs/lm/top2.yaml", tmp_path / "cache", "--checkpoint.save_last=link",
-                "--trainer.callbacks+=tests.lit.tiny_runs.SignalAtStep", "--trainer.callbacks.step=2",
-                f"--trainer.callbacks.signum={int(signal.SIGINT)}", steps=8)
-    finally:
-        signal.signal(signal.SIGINT, handler)
+    interrupted_fit(tmp_path, signal.SIGINT, "--checkpoint.save_last=link")
     checkpoints = tmp_path / "runs/top2/version_0/checkpoints"
     last = checkpoints / "last.ckpt"
     assert last.is_file() and not last.is_symlink()
