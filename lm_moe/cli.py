@@ -8,6 +8,7 @@ validation loss) in its `checkpoints/` folder. `--ckpt_path last` resumes the ne
 same name: the step count, optimizer and schedule continue, and the logs go to a new version.
 """
 
+import re
 import signal
 import sys
 import warnings
@@ -29,19 +30,22 @@ from lm_moe.lit.checkpoints import read_checkpoint, require_matching_state, sett
 from lm_moe.lit.interruption import CheckpointOnInterrupt
 
 RUNS_DIR = "runs"
+LAST_CHECKPOINT = re.compile(r"last(-v\d+)?\.ckpt")  # Lightning's names for it
 LIGHTNING_CHECKPOINT_NAMES = ("hpc", "registry")  # --ckpt_path values Lightning resolves itself
 CKPT_PATH_HELP = (
     "checkpoint to start from (fit: resume its step, optimiser, schedule and batch order). "
-    '"last": the last.ckpt of the newest version of this run (<save_dir>/<name>/<version> of the logger); '
+    '"last": the newest last.ckpt (or last-v<n>.ckpt) of this run\'s versions (<save_dir>/<name>/<version> of the logger); '
     '"best": the checkpoint with the best monitored score over every version of this run; '
     "or a file path (default: null, a fresh run for fit, the model as built otherwise)"
 )
 
 
 def newest_last_checkpoint(logger_root: Path) -> Path:
-    """The `last.ckpt` of the newest run version under `logger_root` (runs/<name>)."""
-    # Every version folder: version_<n>, or the name a logger's `version` setting gave it.
-    candidates = sorted(logger_root.glob("*/checkpoints/last.ckpt"), key=lambda path: path.stat().st_mtime)
+    """The newest last checkpoint of the run versions under `logger_root` (runs/<name>)."""
+    # Every version folder: version_<n>, or the name a logger's `version` setting gave it. A run
+    # into a folder that holds an earlier run's last.ckpt writes its own as last-v1.ckpt, ...
+    candidates = [path for path in logger_root.glob("*/checkpoints/last*.ckpt") if LAST_CHECKPOINT.fullmatch(path.name)]
+    candidates.sort(key=lambda path: path.stat().st_mtime)
     if not candidates:
         raise FileNotFoundError(
             f"--ckpt_path last: no last.ckpt under {logger_root}/*/checkpoints/; "

@@ -78,3 +78,14 @@ def test_ckpt_path_best_without_a_scored_checkpoint_says_so(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="--ckpt_path best: no checkpoint with a monitored score"):
         cli.main(["validate", "-c", str(REPO / "configs/lm/top2.yaml"), "--ckpt_path=best"])
+
+
+def test_ckpt_path_last_takes_the_newest_last_checkpoint_of_a_version_folder_run_into_twice(tmp_path, monkeypatch):
+    # A second fresh run into a named version folder finds the first run's last.ckpt there, and
+    # Lightning writes its own as last-v1.ckpt.
+    monkeypatch.chdir(tmp_path)
+    named = "--trainer.logger.init_args.version=exp"
+    fit_top2(tmp_path / "cache", 4, named)
+    checkpoints, _ = fit_top2(tmp_path / "cache", 2, named)
+    assert step_of(checkpoints / "last.ckpt") == 4 and step_of(checkpoints / "last-v1.ckpt") == 2
+    assert cli.newest_last_checkpoint(Path("runs/top2")) == checkpoints / "last-v1.ckpt"
