@@ -3,9 +3,7 @@ its code blocks show for the package and its scripts parses as written (its conf
 options are known)."""
 
 import argparse
-import runpy
 import shlex
-import sys
 import tomllib
 from pathlib import Path
 
@@ -14,6 +12,8 @@ import pytest
 from lm_moe import cli, sample
 from lm_moe.causality import report
 from lm_moe.profiling.models import resolved_config
+
+from .scripts_in_process import run_script_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 INSTALL = ["python", "-m", "pip", "install", "-r", "requirements.txt", "-e", "."]
@@ -145,9 +145,8 @@ def test_every_script_command_parses(command, monkeypatch):
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
     monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", parse_known_args)
     script, *args = command
-    monkeypatch.setattr(sys, "argv", [script, *args])
     with pytest.raises(Parsed):  # a bad option exits with argparse's error instead
-        runpy.run_path(str(REPO / script), run_name="__main__")
+        run_script_in_process(script, args, monkeypatch)
     configs = [arg for arg in args if arg.startswith("configs/")]
     assert all((REPO / config).is_file() for config in configs)
     for config in configs or ["configs/lm/dense.yaml"]:  # the overrides parse with the configs they go to

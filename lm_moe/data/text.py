@@ -76,8 +76,9 @@ def resolve_data_files(data_files: str | list[str]) -> list[str]:
                 f"no data file found at {pattern!r} (for a folder, give a glob such as 'dir/*.txt')"
             )
         for path in matches:
-            if os.path.realpath(path) not in seen:
-                seen.add(os.path.realpath(path))
+            real_path = os.path.realpath(path)
+            if real_path not in seen:
+                seen.add(real_path)
                 files.append(path)
     for path in files:
         if os.path.getsize(path) == 0:

@@ -96,7 +96,7 @@ class CheckpointOnInterrupt(pl.Callback):
         if trainer.world_size == 1:
             return self._sigterm_received
         noted = torch.tensor([int(self._sigterm_received)], device=trainer.strategy.root_device)
-        dist.all_reduce(noted, op=dist.ReduceOp.MAX)  # one small collective per step, as Lightning's own check
+        dist.all_reduce(noted, op=dist.ReduceOp.MAX)  # one small collective per step and validation
         return bool(noted.item())
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
