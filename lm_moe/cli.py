@@ -28,8 +28,10 @@ from lm_moe.lit.callbacks import ImagePredictionWriter, TextPredictionWriter, Th
 from lm_moe.lit.checkpoint_callback import LastAndBestCheckpoint
 from lm_moe.lit.checkpoints import read_checkpoint, require_matching_state, setting_differences
 from lm_moe.lit.interruption import CheckpointOnInterrupt
+from lm_moe.lit.safe_loading import ESCAPE_FLAG, ESCAPE_HELP, use_safe_loading
 
 RUNS_DIR = "runs"
+ESCAPE_DEST = ESCAPE_FLAG.removeprefix("--")
 LAST_CHECKPOINT = re.compile(r"last(-v\d+)?\.ckpt")  # Lightning's names for it
 LIGHTNING_CHECKPOINT_NAMES = ("hpc", "registry")  # --ckpt_path values Lightning resolves itself
 CKPT_PATH_HELP = (
@@ -88,14 +90,15 @@ def logger_root(logger_config) -> Path:
 
 
 class SaveConfigWithoutCheckpoint(SaveConfigCallback):
-    """Lightning's config.yaml of the run, less `ckpt_path`: the file records what builds and
-    trains the run, and `-c config.yaml` of a resumed run would otherwise load, silently, the older
-    checkpoint it resumed from."""
+    """Lightning's config.yaml of the run, less `ckpt_path` and the unsafe-loading escape: the file
+    records what builds and trains the run, and `-c config.yaml` of a resumed run would otherwise
+    load, silently, the older checkpoint it resumed from (and trust any later one)."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if self.config.get("ckpt_path") is not None:
+        if self.config.get("ckpt_path") is not None or self.config.get(ESCAPE_DEST):
             self.config = self.config.clone()
             self.config.ckpt_path = None
+            self.config[ESCAPE_DEST] = False
         super().setup(trainer, pl_module, stage)
 
 
@@ -105,6 +108,7 @@ class LmMoeCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--task", choices=tuple(TASKS), default="lm", help="what the config trains (configs set it)")
+        parser.add_argument(ESCAPE_FLAG, type=bool, default=False, help=ESCAPE_HELP)
         parser.add_lightning_class_args(LastAndBestCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -120,6 +124,18 @@ class LmMoeCLI(LightningCLI):
             parser.link_arguments(source, target, apply_on="instantiate")
 
     linked_arguments: tuple[tuple[str, str], ...] = ()
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's subcommands, without their `--weights_only`: every checkpoint loads through
+        lm_moe.lit.safe_loading, and `--allow_unsafe_pickle` is the one way past it."""
+        return {name: {*skipped, "weights_only"} for name, skipped in LightningCLI.subcommands().items()}
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        use_safe_loading(trainer.strategy, config.get(ESCAPE_DEST, False))
+        return trainer
 
     def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
         """Lightning's subcommand parser, with `--ckpt_path` described as `_parse_ckpt_path`
@@ -165,7 +181,8 @@ class LmMoeCLI(LightningCLI):
         config = self.config[self.subcommand]
         ckpt_path = config.get("ckpt_path")
         if ckpt_path is not None and ckpt_path not in LIGHTNING_CHECKPOINT_NAMES:
-            checkpoint = read_checkpoint(ckpt_path, task=config.get("task"))  # the other task's: refused as such
+            # Read safely (a file naming foreign code is refused); the other task's: refused as such.
+            checkpoint = read_checkpoint(ckpt_path, task=config.get("task"), allow_unsafe_pickle=config.get(ESCAPE_DEST))
             require_matching_state(checkpoint["state_dict"], self.model.state_dict())
             # Same shapes, other settings (another FFN class, top_k, data split, ...): the config's apply.
             differences = setting_differences(checkpoint["hyper_parameters"], self.model.hparams, "model")

@@ -8,8 +8,7 @@ from jsonargparse import auto_parser
 
 from lm_moe.argument_checks import require_non_negative_int, require_positive_int
 from lm_moe.data.tokenizer import load_encoding
-from lm_moe.lit.checkpoints import read_checkpoint
-from lm_moe.lit.language_model import LanguageModel
+from lm_moe.lit.trained_model import build_trained_module, read_trained
 from lm_moe.models.generation import check_sampling, generate
 
 
@@ -31,11 +30,13 @@ def sample(
     num_samples: int = 1,
     seed: int = 0,
     device: str = "cpu",
+    allow_unsafe_pickle: bool = False,
 ) -> list[str]:
     """Generate `num_samples` continuations of `prompt` and print them.
 
     Args:
-        ckpt_path: a checkpoint written by `python -m lm_moe fit`.
+        ckpt_path: a checkpoint written by `python -m lm_moe fit`, or a folder written by
+            `python -m lm_moe.export`.
         prompt: text to continue; empty = start a new document.
         max_new_tokens: tokens to generate after the prompt (prompt + new must fit the context);
             by default as many as fit in the rest of the model's context.
@@ -46,6 +47,9 @@ def sample(
         num_samples: continuations generated side by side.
         seed: random seed of the sampling.
         device: where to run, e.g. "cpu" or "cuda".
+        allow_unsafe_pickle: load a checkpoint that holds other Python objects than lm_moe's own
+            checkpoints do, with a full unpickling that runs any code the file carries: only for a
+            file whose source you trust.
     """
     require_positive_int("num_samples", num_samples)
     if not 0 <= seed < 2**64:  # what torch.Generator takes
@@ -54,10 +58,10 @@ def sample(
         require_non_negative_int("max_new_tokens", max_new_tokens)
     check_sampling(temperature, top_k, top_p)
     require_usable_device(device)
-    checkpoint = read_checkpoint(ckpt_path, task="lm")
-    data_args = checkpoint.get("datamodule_hyper_parameters", {})
+    trained = read_trained(ckpt_path, task="lm", allow_unsafe_pickle=allow_unsafe_pickle)
+    data_args = trained.data_settings
     tokenizer = load_encoding(data_args.get("tokenizer", "cl100k_base"), data_args.get("vocab_size"))
-    model = LanguageModel.load_from_checkpoint(ckpt_path, map_location=device).model
+    model = build_trained_module(trained).model.to(device)
     if tokenizer.vocab_size != model.vocab_size:
         raise ValueError(
             f"the checkpoint's tokenizer has {tokenizer.vocab_size} ids but its model {model.vocab_size}"

@@ -41,6 +41,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from lm_moe.cli import task_of
 from lm_moe.cpu_allocator import tune_cpu_allocator
 from lm_moe.layers.mixture_of_tokens import required_batch_multiple
+from lm_moe.lit.safe_loading import add_escape_option
+from lm_moe.lit.trained_model import check_trained_path
 from lm_moe.profiling.charts import Panel, draw
 from lm_moe.profiling.inference import DTYPES, measure_decoding, measure_images, round_up, trace_decoding_step
 from lm_moe.profiling.models import build_from_config, load_checkpoint, variant_names
@@ -73,7 +75,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """The script's own options, and the config overrides (`--model.dim=64`) for every config."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", action="append", default=[], help="LM or ViT config (repeatable)")
-    parser.add_argument("--ckpt_path", action="append", default=[], help="lm_moe checkpoint (repeatable)")
+    parser.add_argument("--ckpt_path", action="append", default=[],
+                        help="lm_moe checkpoint or export folder (repeatable)")
+    add_escape_option(parser)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--contexts", type=int, nargs="+", default=[64, 128, 256, 512], help="prompt lengths (LMs)")
     parser.add_argument("--new-tokens", type=int, default=32, help="decoding steps after each prefill (LMs)")
@@ -98,6 +102,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         parser.error("--batch-sizes, --contexts, --new-tokens and --repeats must be >= 1, --warmup >= 0")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    for path in args.ckpt_path:
+        try:
+            check_trained_path(path, args.allow_unsafe_pickle)
+        except (ValueError, FileNotFoundError) as error:
+            parser.error(str(error))
     if not args.config and not args.ckpt_path:
         folders = (REPO / "configs/lm", REPO / "configs/vit")
         args.config = [str(path) for folder in folders for path in sorted(folder.glob("*.yaml"))]
@@ -113,7 +122,7 @@ def variants(args: argparse.Namespace, overrides: list[str]) -> list[tuple[str, 
         lm = task_of(["-c", config]) == "lm"
         found.append((config, lambda config=config, lm=lm: build_from_config(config, overrides, block_size if lm else None)))
     for path in args.ckpt_path:
-        found.append((path, lambda path=path: load_checkpoint(path)))
+        found.append((path, lambda path=path: load_checkpoint(path, args.allow_unsafe_pickle)))
     unique, taken = [], set()
     for source, loader in found:
         # configs/vit/dense.yaml after configs/lm/dense.yaml: vit_dense; runs/top2/version_1/... after

@@ -1,6 +1,6 @@
-"""The README's commands stay true: its quickstart is the two commands CI runs, and every command
-its code blocks show for the package and its scripts parses as written (its configs exist, its
-options are known)."""
+"""The documented commands stay true: the README's quickstart is the two commands CI runs, and
+every command the code blocks of README.md and docs/*.md show for the package and its scripts
+parses as written (its configs exist, its options are known)."""
 
 import argparse
 import shlex
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lm_moe import cli, sample
+from lm_moe import cli, export, sample
 from lm_moe.causality import report
 from lm_moe.profiling.models import resolved_config
 
@@ -48,7 +48,8 @@ def bash_blocks(markdown: str) -> list[list[list[str]]]:
 
 
 BLOCKS = bash_blocks((REPO / "README.md").read_text())
-COMMANDS = [command for block in BLOCKS for command in block]
+DOCS = sorted((REPO / "docs").glob("*.md"))
+COMMANDS = [command for page in [REPO / "README.md", *DOCS] for block in bash_blocks(page.read_text()) for command in block]
 
 
 def without_environment(command: list[str]) -> list[str]:
@@ -111,6 +112,12 @@ def test_every_causality_command_parses_and_names_configs_that_exist(args):
     assert all((REPO / config).is_file() for config in options.config)
 
 
+@pytest.mark.parametrize("args", module_commands("lm_moe.export"), ids=shlex.join)
+def test_every_export_command_parses(args):
+    options = export.parse_args(args)
+    assert options.ckpt_path.suffix == ".ckpt"
+
+
 def script_commands() -> list[list[str]]:
     """`scripts/<name>.py` and its arguments of every `python scripts/...` command (also after a
     launcher such as `taskset -c 0`)."""
@@ -166,5 +173,5 @@ def test_every_pytest_marker_the_readme_selects_is_registered():
 def test_the_readme_shows_commands_of_every_kind():
     # A guard on the parser above: were it to miss the blocks, the tests above would check nothing.
     assert len(module_commands("lm_moe")) >= 10
-    assert module_commands("lm_moe.sample") and module_commands("lm_moe.causality")
+    assert module_commands("lm_moe.sample") and module_commands("lm_moe.causality") and module_commands("lm_moe.export")
     assert {command[0] for command in script_commands()} >= {"scripts/compare_lm.py", "scripts/profile_inference.py"}

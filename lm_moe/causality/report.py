@@ -5,14 +5,16 @@
     python -m lm_moe.causality -c configs/lm/top2.yaml --ckpt_path runs/top2/version_0/checkpoints/last.ckpt
     python -m lm_moe.causality -c configs/lm/top2.yaml --model.n_layer=2   # config overrides as in fit
 
-Prints one row per check with its measured maximum difference and PASS / LEAK; exits with
-status 1 when any check leaks. The model runs in float64 on the CPU, so a causal model shows
+Prints one row per check with its measured maximum difference and PASS / LEAK. Exit status: 0 no
+leak found, 1 a leak found, 2 bad input (an option, config, checkpoint or setting refused, in one
+`error:` line), 3 an internal failure (with its traceback): a crash never reads as a verdict. The model runs in float64 on the CPU, so a causal model shows
 differences at rounding level and a leak shows differences of the size of the logits.
 """
 
 import argparse
 import json
 import math
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,24 +23,25 @@ from rich.table import Table
 
 from lm_moe.causality.checks import Checker, CheckResult, CheckSettings
 from lm_moe.causality.subjects import ModelSubject
-from lm_moe.lit.checkpoints import read_checkpoint, require_matching_state
+from lm_moe.lit.checkpoints import require_matching_state
+from lm_moe.lit.safe_loading import add_escape_option
+from lm_moe.lit.trained_model import load_trained_module, read_trained
 from lm_moe.models.gpt import GPT
 
 
-def model_from(configs: list[str], overrides: list[str], ckpt_path: str | None) -> GPT:
-    """The GPT a config builds (with the checkpoint's weights, if given), or a checkpoint's own."""
+def model_from(configs: list[str], overrides: list[str], ckpt_path: str | None, allow_unsafe_pickle: bool = False) -> GPT:
+    """The GPT a config builds (with the weights of a checkpoint or export folder, if given), or
+    the trained model of a checkpoint or export folder as it was trained."""
     from lm_moe import cli  # the CLI pulls in Lightning's trainer machinery: only when needed
-    from lm_moe.lit.language_model import LanguageModel
 
     if not configs:
-        read_checkpoint(ckpt_path, task="lm")  # clear errors for a missing, foreign or ViT file
-        return LanguageModel.load_from_checkpoint(ckpt_path, map_location="cpu").model
+        return load_trained_module(ckpt_path, task="lm", allow_unsafe_pickle=allow_unsafe_pickle).model
     args = [item for config in configs for item in ("-c", config)]
     module = cli.main(args + overrides + ["--trainer.logger=false"], run=False).model
     if not isinstance(getattr(module, "model", None), GPT):
         raise ValueError(f"the causality checks are for language models (task: lm); {configs} builds a {type(module).__name__}")
     if ckpt_path is not None:
-        state = read_checkpoint(ckpt_path)["state_dict"]
+        state = read_trained(ckpt_path, allow_unsafe_pickle=allow_unsafe_pickle).state_dict
         require_matching_state(state, module.state_dict())
         module.load_state_dict(state)
     return module.model
@@ -56,13 +59,21 @@ def print_table(title: str, results: list[CheckResult], console: Console) -> Non
     console.print(table)
 
 
+PROG = "python -m lm_moe.causality"
+NO_LEAK, LEAK, BAD_INPUT, INTERNAL_FAILURE = 0, 1, 2, 3  # exit statuses
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """The command's own options, and the config overrides (`--model.dim=64`) for the CLI."""
     parser = argparse.ArgumentParser(
-        prog="python -m lm_moe.causality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("-c", "--config", action="append", default=[], help="LM config(s), as for `python -m lm_moe fit`")
-    parser.add_argument("--ckpt_path", default=None, help="checkpoint to check (its own architecture unless -c is given)")
+    parser.add_argument(
+        "--ckpt_path", default=None,
+        help="checkpoint or export folder to check (its own architecture unless -c is given)",
+    )
+    add_escape_option(parser)
     parser.add_argument(
         "--length", type=int, default=0, help="sequence length, at least 2 (0 = three chunks and a bit, at most block_size)"
     )
@@ -84,9 +95,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     console = Console()
-    model = model_from(args.config, overrides, args.ckpt_path).double()
-    settings = CheckSettings(length=args.length, seeds=tuple(range(args.seeds)), tolerance=args.tolerance)
-    checker = Checker(ModelSubject(model), settings)
+    try:
+        model = model_from(args.config, overrides, args.ckpt_path, args.allow_unsafe_pickle).double()
+        settings = CheckSettings(length=args.length, seeds=tuple(range(args.seeds)), tolerance=args.tolerance)
+        checker = Checker(ModelSubject(model), settings)
+    except (ValueError, FileNotFoundError) as error:  # a checkpoint or setting refused: no traceback
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return BAD_INPUT
     with console.status("running the leakage checks") as status:
         results = checker.results(on_result=lambda result: status.update(f"done: {result.check} ({result.mode})"))
     source = " + ".join(args.config + overrides + ([args.ckpt_path] if args.ckpt_path else []))
@@ -98,4 +113,4 @@ def main(argv: list[str] | None = None) -> int:
         # JSON has no NaN: a difference that was not measured is null.
         rows = [{**asdict(result), "max_diff": None if math.isnan(result.max_diff) else result.max_diff} for result in results]
         args.json.write_text(json.dumps(rows, indent=2, allow_nan=False))
-    return 1 if leaks else 0
+    return LEAK if leaks else NO_LEAK

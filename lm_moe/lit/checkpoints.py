@@ -2,11 +2,12 @@
 settings it was trained with that differ from the config's."""
 
 import json
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+from lm_moe.lit.safe_loading import load_checkpoint_file
 
 
 def require_matching_state(checkpoint_state: dict[str, torch.Tensor], model_state: dict[str, torch.Tensor]) -> None:
@@ -40,27 +41,29 @@ def checkpoint_task(checkpoint: dict) -> str:
     return "vit" if "num_classes" in checkpoint["hyper_parameters"] else "lm"
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", task: str | None = None) -> dict:
-    """Load a Lightning checkpoint file, with clear errors for a missing, damaged or foreign file,
-    and for one of another task than `task` ("lm" or "vit"; None = either)."""
+def read_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", task: str | None = None, allow_unsafe_pickle: bool = False
+) -> dict:
+    """Load a Lightning checkpoint file safely (see lm_moe.lit.safe_loading), with clear errors for
+    a missing, damaged or foreign file, and for one of another task than `task` ("lm" or "vit"; None = either)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
-    try:
-        # Memory-mapped, the tensors are read only where used: a check of shapes reads none of them.
-        # Only torch's zip format maps (what Lightning writes); older files and damaged ones load as they are.
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False, mmap=zipfile.is_zipfile(path))
-    except Exception as error:  # torch raises several kinds for files that are not checkpoints
-        raise ValueError(f"{str(path)!r} is not a readable PyTorch checkpoint: {error}") from error
+    # Memory-mapped, the tensors are read only where used: a check of shapes reads none of them.
+    checkpoint = load_checkpoint_file(path, map_location, mmap=True, allow_unsafe_pickle=allow_unsafe_pickle)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise ValueError(f"{str(path)!r} is not a Lightning checkpoint of an lm_moe model (no state_dict / hyper_parameters)")
-    found = checkpoint_task(checkpoint)
-    if task is not None and found != task:
+    require_task(checkpoint_task(checkpoint), task, path)
+    return checkpoint
+
+
+def require_task(found: str, wanted: str | None, path: str | Path) -> None:
+    """Refuse the weights of another task than `wanted` (None = either)."""
+    if wanted is not None and found != wanted:
         raise ValueError(
             f"{str(path)!r} is the checkpoint of {TASK_MODELS[found]} (task: {found}); "
-            f"this needs the checkpoint of {TASK_MODELS[task]} (task: {task})"
+            f"this needs the checkpoint of {TASK_MODELS[wanted]} (task: {wanted})"
         )
-    return checkpoint
 
 
 # Settings that do not change what is trained or evaluated: how data is read, how predict samples.

@@ -1,5 +1,5 @@
 """The models the profiling tools measure: built from a config (as `python -m lm_moe fit` would
-build it, with random weights) or loaded from a Lightning checkpoint (with its trained weights)."""
+build it, with random weights) or loaded from a Lightning checkpoint or an export folder (with its trained weights)."""
 
 import contextlib
 import io
@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from torch import nn
 
-from lm_moe.lit.checkpoints import checkpoint_task, read_checkpoint
+from lm_moe.lit.trained_model import load_trained_module
 
 
 # How `python -m lm_moe` and `python -m lm_moe.sample` report a bad setting.
@@ -67,13 +67,10 @@ def resolved_config(config: str | Path, overrides: list[str] = ()) -> dict:
     return yaml.safe_load(printed.getvalue())
 
 
-def load_checkpoint(path: str | Path) -> nn.Module:
-    """The trained network of an lm_moe checkpoint (language model or image classifier), in eval mode."""
-    from lm_moe.lit.image_classifier import ImageClassifier
-    from lm_moe.lit.language_model import LanguageModel
-
-    module_class = ImageClassifier if checkpoint_task(read_checkpoint(path)) == "vit" else LanguageModel
-    return module_class.load_from_checkpoint(path, map_location="cpu").model.eval()
+def load_checkpoint(path: str | Path, allow_unsafe_pickle: bool = False) -> nn.Module:
+    """The trained network (language model or image classifier) of an lm_moe checkpoint or export
+    folder, in eval mode."""
+    return load_trained_module(path, allow_unsafe_pickle=allow_unsafe_pickle).model
 
 
 def variant_names(path: str | Path) -> list[str]:

@@ -16,6 +16,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lm_moe import cli
+from lm_moe.lit.checkpoints import read_checkpoint
+from lm_moe.lit.safe_loading import foreign_callables
 
 from .test_language_model_cli import tiny_args
 
@@ -38,7 +40,7 @@ def test_sigterm_to_every_rank_stops_them_together_with_last_ckpt_at_that_step(t
     result = subprocess.run([sys.executable, "-m", "lm_moe", *args], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=300)  # the run used to hang here
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-4000:]
-    checkpoint = torch.load(tmp_path / "runs/top2/version_0/checkpoints/last.ckpt", weights_only=False)
+    checkpoint = read_checkpoint(tmp_path / "runs/top2/version_0/checkpoints/last.ckpt")
     assert checkpoint["global_step"] == 3  # the step under way when the signal came finished
 
 
@@ -50,8 +52,9 @@ def test_two_process_ddp_fit_completes_and_resumes_in_one_process(config, tmp_pa
     run_dir = tmp_path / "runs" / config / "version_0"
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert not (tmp_path / "runs" / config / "version_1").exists()  # one run folder: rank 0 writes
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")  # the safe loading takes it
     assert checkpoint["global_step"] == 4
+    assert foreign_callables(run_dir / "checkpoints" / "last.ckpt") == []
 
     if config == "top2":  # the expert loads logged are those of the global batch, not rank 0's
         events = EventAccumulator(str(run_dir))

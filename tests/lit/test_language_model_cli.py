@@ -1,6 +1,7 @@
 """The language-model job end to end through the Lightning CLI, at toy sizes, offline."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from lm_moe.causality import report as causality_report
 from lm_moe.data.text import TextDataModule
 from lm_moe.data.tokenizer import load_encoding
 from lm_moe.layers import TopKMoE
+from lm_moe.lit.checkpoints import read_checkpoint
 from lm_moe.lit.interruption import CheckpointOnInterrupt
 from lm_moe.lit.language_model import SamplingSettings
 
@@ -114,7 +116,7 @@ def test_moe_stats_are_computed_only_on_the_steps_that_log(tmp_path, monkeypatch
 def test_resume_from_last_continues_step_count_and_optimizer(trained_top2, monkeypatch):
     work, cache = trained_top2
     monkeypatch.chdir(work)
-    first = torch.load(work / "runs/top2/version_0/checkpoints/last.ckpt", weights_only=False)
+    first = read_checkpoint(work / "runs/top2/version_0/checkpoints/last.ckpt")
     assert first["global_step"] == 4
 
     resumed = fit(REPO / "configs/lm/top2.yaml", cache, "--ckpt_path=last", steps=6)
@@ -149,7 +151,7 @@ def test_an_interrupted_run_writes_last_ckpt_at_the_step_it_reached_and_resumes_
     monkeypatch.chdir(tmp_path)
     no_validation = "--trainer.limit_val_batches=0"
     assert interrupted_fit(tmp_path, signum, no_validation) == EXIT_STATUS[signum]
-    saved = torch.load(tmp_path / "runs/top2/version_0/checkpoints/last.ckpt", weights_only=False)
+    saved = read_checkpoint(tmp_path / "runs/top2/version_0/checkpoints/last.ckpt")
     assert saved["global_step"] == 3  # the step under way when the signal came was finished
 
     resumed = fit(REPO / "configs/lm/top2.yaml", tmp_path / "cache", no_validation, "--ckpt_path=last", steps=5)
@@ -163,7 +165,7 @@ def test_a_signal_during_validation_lets_it_finish_then_stops_at_that_step(tmp_p
     assert interrupted_fit(tmp_path, signum, "--trainer.limit_val_batches=3", in_validation=True) == EXIT_STATUS[signum]
     checkpoints = tmp_path / "runs/top2/version_0/checkpoints"
     assert sorted(path.name for path in checkpoints.iterdir()) == ["best-2.ckpt", "last.ckpt"]  # scored
-    saved = torch.load(checkpoints / "last.ckpt", weights_only=False)
+    saved = read_checkpoint(checkpoints / "last.ckpt")
     assert saved["global_step"] == 2  # no step after the validation
     # All 3 validation batches ran (Lightning alone stopped after the signal's batch, and the
     # resumed run skipped the rest).
@@ -174,7 +176,7 @@ def test_with_gradient_accumulation_an_interruption_stops_after_an_optimizer_ste
     # The signal comes as the first of step 3's two batches starts: stopping after it would lose its gradients.
     monkeypatch.chdir(tmp_path)
     interrupted_fit(tmp_path, signal.SIGTERM, "--trainer.accumulate_grad_batches=2", "--trainer.limit_val_batches=0")
-    saved = torch.load(tmp_path / "runs/top2/version_0/checkpoints/last.ckpt", weights_only=False)
+    saved = read_checkpoint(tmp_path / "runs/top2/version_0/checkpoints/last.ckpt")
     assert saved["global_step"] == 3
     assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"] == 6  # both of step 3's
 
@@ -186,8 +188,8 @@ def test_with_last_as_a_link_an_interruption_writes_its_own_last_ckpt_and_keeps_
     checkpoints = tmp_path / "runs/top2/version_0/checkpoints"
     last = checkpoints / "last.ckpt"
     assert last.is_file() and not last.is_symlink()
-    assert torch.load(last, weights_only=False)["global_step"] == 3
-    assert torch.load(checkpoints / "best-2.ckpt", weights_only=False)["global_step"] == 2  # validated at step 2
+    assert read_checkpoint(last)["global_step"] == 3
+    assert read_checkpoint(checkpoints / "best-2.ckpt")["global_step"] == 2  # validated at step 2
 
 
 def test_a_second_ctrl_c_stops_at_once():
@@ -430,14 +432,14 @@ def test_sample_refuses_what_is_not_a_checkpoint(tmp_path, bad_file):
         sample.sample(str(tmp_path / bad_file))
 
 
-def test_the_language_model_commands_refuse_an_image_classifier_s_checkpoint(tmp_path, monkeypatch):
+def test_the_language_model_commands_refuse_an_image_classifier_s_checkpoint(tmp_path, monkeypatch, capsys):
     checkpoint = tmp_path / "vit.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"num_classes": 10, "image_size": 28}}, checkpoint)
     message = r"vit.ckpt' is the checkpoint of an image classifier \(task: vit\); this needs the checkpoint of a language model"
     with pytest.raises(ValueError, match=message):
         sample.sample(str(checkpoint))
-    with pytest.raises(ValueError, match=message):
-        causality_report.main(["--ckpt_path", str(checkpoint)])
+    assert causality_report.main(["--ckpt_path", str(checkpoint)]) == causality_report.BAD_INPUT
+    assert re.fullmatch(f"python -m lm_moe.causality: error: .*{message}.*\n", capsys.readouterr().err)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=message):  # named as the other task's, not as another architecture
         fit(REPO / "configs/lm/top2.yaml", tmp_path / "cache", f"--ckpt_path={checkpoint}")
