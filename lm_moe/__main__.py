@@ -1,6 +1,7 @@
 import sys
 
 import torch
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 
 from lm_moe.cli import main
 from lm_moe.cpu_allocator import tune_cpu_allocator
@@ -10,7 +11,8 @@ if __name__ == "__main__":
         tune_cpu_allocator()
     try:
         main()
-    except (ValueError, FileNotFoundError) as error:
-        # A bad setting, file or checkpoint: the user's to fix, in one line (as the parser's own errors).
+    except (ValueError, FileNotFoundError, MisconfigurationException) as error:
+        # A bad setting, file or checkpoint (Lightning's own settings: MisconfigurationException):
+        # the user's to fix, in one line, as the parser's own errors.
         print(f"python -m lm_moe: error: {error}", file=sys.stderr)
         sys.exit(2)

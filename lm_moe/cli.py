@@ -9,6 +9,7 @@ same name: the step count, optimizer and schedule continue, and the logs go to a
 """
 
 import re
+import shutil
 import signal
 import sys
 import warnings
@@ -17,17 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from pytorch_lightning.callbacks import LearningRateMonitor
-from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
+from pytorch_lightning.callbacks import LearningRateMonitor, RichProgressBar
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lm_moe.argument_checks import require_non_negative_float
+from lm_moe.command_line import OneLineErrors
 from lm_moe.layers.mixture_of_tokens import required_batch_multiple
 from lm_moe.lit.callbacks import ImagePredictionWriter, TextPredictionWriter, Throughput
 from lm_moe.lit.checkpoint_callback import LastAndBestCheckpoint
 from lm_moe.lit.checkpoints import read_checkpoint, require_matching_state, setting_differences
 from lm_moe.lit.interruption import CheckpointOnInterrupt
+from lm_moe.lit.progress_bar import StepProgressBar
 from lm_moe.lit.safe_loading import ESCAPE_FLAG, ESCAPE_HELP, use_safe_loading
 
 RUNS_DIR = "runs"
@@ -89,6 +93,12 @@ def logger_root(logger_config) -> Path:
     return Path(init_args.save_dir) / init_args.name
 
 
+def batches_started(trainer) -> int:
+    """Batches the trainer's loops have started: training, and validate / test / predict runs."""
+    loops = (trainer.fit_loop.epoch_loop, trainer.validate_loop, trainer.test_loop, trainer.predict_loop)
+    return sum(loop.batch_progress.total.started for loop in loops)
+
+
 class SaveConfigWithoutCheckpoint(SaveConfigCallback):
     """Lightning's config.yaml of the run, less `ckpt_path` and the unsafe-loading escape: the file
     records what builds and trains the run, and `-c config.yaml` of a resumed run would otherwise
@@ -100,6 +110,10 @@ class SaveConfigWithoutCheckpoint(SaveConfigCallback):
             self.config.ckpt_path = None
             self.config[ESCAPE_DEST] = False
         super().setup(trainer, pl_module, stage)
+
+
+class LmMoeParser(OneLineErrors, LightningArgumentParser):
+    """Lightning's parser, with a bad setting, key, class or config file in one error line."""
 
 
 class LmMoeCLI(LightningCLI):
@@ -135,7 +149,22 @@ class LmMoeCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         config = self.config[self.subcommand] if self.subcommand else self.config
         use_safe_loading(trainer.strategy, config.get(ESCAPE_DEST, False))
+        # Lightning's default bar (exactly that class: one the user configured stays) counts steps here.
+        trainer.callbacks = [StepProgressBar() if type(c) is RichProgressBar else c for c in trainer.callbacks]
         return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Lightning's, less the run folder of a run refused before its first batch (a corpus
+        that does not split, say): the logger creates it before the data is set up."""
+        logger = self.trainer.logger
+        log_dir = Path(logger.log_dir) if isinstance(logger, TensorBoardLogger) else None
+        new_folders = [] if log_dir is None else [folder for folder in (log_dir, log_dir.parent) if not folder.exists()]
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if new_folders and self.trainer.is_global_zero and not batches_started(self.trainer):
+                shutil.rmtree(new_folders[-1], ignore_errors=True)  # runs/<name> too, if this run made it
+            raise
 
     def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
         """Lightning's subcommand parser, with `--ckpt_path` described as `_parse_ckpt_path`
@@ -312,9 +341,10 @@ def configs_not_of_task(configs, task: str) -> list[str]:
     return [str(config) for config in configs if not Path(config).is_file() or task_of(["-c", str(config)]) != task]
 
 
-def main(args: list[str] | None = None, run: bool = True) -> LmMoeCLI:
+def main(args: list[str] | None = None, run: bool = True, prog: str = "python -m lm_moe") -> LmMoeCLI:
     """Parse `args` (default: the command line) and run the subcommand; with `run=False` only build
-    the model, data module and trainer of a config (no subcommand in `args`)."""
+    the model, data module and trainer of a config (no subcommand in `args`). `prog` names the
+    command in error lines (a tool that builds models through the CLI gives its own)."""
     task = TASKS[task_of(sys.argv[1:] if args is None else list(args))]
     model_class, data_class = task.classes()
     with warnings.catch_warnings():
@@ -329,7 +359,10 @@ def main(args: list[str] | None = None, run: bool = True) -> LmMoeCLI:
                 args=args,
                 run=run,
                 auto_configure_optimizers=False,  # the modules bring their own AdamW + schedule
-                parser_kwargs={"prog": "python -m lm_moe"},  # not "__main__.py" in usage lines and errors
+                parser_class=LmMoeParser,
+                parser_kwargs={"prog": prog},  # not "__main__.py" in usage lines and errors
+                # Lightning's default (True) seeds 0 too, with a warning, and --print_config shows `true`.
+                seed_everything_default=0,
                 save_config_callback=SaveConfigWithoutCheckpoint,
                 save_config_kwargs={"overwrite": True},
                 trainer_defaults={

@@ -13,20 +13,24 @@ import argparse
 import sys
 from pathlib import Path
 
+from lm_moe.command_line import ArgumentParser, exit_with_error
 from lm_moe.lit.checkpoints import read_checkpoint
 from lm_moe.lit.safe_loading import add_escape_option
 from lm_moe.lit.weights_export import CONFIG_FILE, WEIGHTS_FILE, write_export
+from lm_moe.output_files import add_overwrite_option, require_free_output
 
 PROG = "python -m lm_moe.export"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ckpt_path", type=Path, help="a checkpoint written by `python -m lm_moe fit`")
     parser.add_argument("out", type=Path, help="the folder to write (refused if it holds files, unless --overwrite)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an export folder that holds files")
+    add_overwrite_option(parser)
     add_escape_option(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    require_free_output(parser, "export folder", args.out, args.overwrite, folder=True)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = read_checkpoint(args.ckpt_path, allow_unsafe_pickle=args.allow_unsafe_pickle)
         write_export(checkpoint, args.out, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
+        exit_with_error(PROG, str(error))
     print(f"wrote {args.out / WEIGHTS_FILE} and {args.out / CONFIG_FILE} (trained for {checkpoint.get('global_step')} steps)")
     return 0
 

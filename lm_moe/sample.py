@@ -7,9 +7,12 @@ import torch
 from jsonargparse import auto_parser
 
 from lm_moe.argument_checks import require_non_negative_int, require_positive_int
+from lm_moe.command_line import JsonArgumentParser, exit_with_error
 from lm_moe.data.tokenizer import load_encoding
 from lm_moe.lit.trained_model import build_trained_module, read_trained
 from lm_moe.models.generation import check_sampling, generate
+
+PROG = "python -m lm_moe.sample"
 
 
 def require_usable_device(device: str) -> None:
@@ -97,14 +100,14 @@ def sample(
 
 
 def main(args=None) -> None:
-    parser = auto_parser(sample, prog="python -m lm_moe.sample")
+    parser = auto_parser(sample, prog=PROG, parser_class=JsonArgumentParser)  # one-line errors
     settings = parser.parse_args(args).as_dict()
     settings.pop("config", None)
     try:
         sample(**settings)
     except (ValueError, FileNotFoundError) as err:
         # Bad settings, a missing or foreign checkpoint, a prompt too long: the user's to fix, no traceback.
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+        exit_with_error(PROG, str(err))
 
 
 if __name__ == "__main__":

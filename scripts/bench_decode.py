@@ -23,10 +23,12 @@ from rich.progress import Progress
 from rich.table import Table
 
 from lm_moe.cli import configs_not_of_task
+from lm_moe.command_line import ArgumentParser
 from lm_moe.cpu_allocator import tune_cpu_allocator
 from lm_moe.layers.mixture_of_tokens import required_batch_multiple
+from lm_moe.output_files import add_json_option, require_free_output, write_text_atomically
 from lm_moe.profiling.inference import round_up
-from lm_moe.profiling.models import build_from_config
+from lm_moe.profiling.models import build_from_config, refused_configs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +56,7 @@ def full_forward_seconds(model, ids: torch.Tensor, context: int, repeats: int) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", type=Path, action="append", default=None,
                         help="LM config (repeatable; default: every config under configs/lm/)")
     parser.add_argument("--contexts", type=int, nargs="+", default=[64, 128, 256, 512],
@@ -62,14 +64,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="rows decoded side by side (default: 4)")
     parser.add_argument("--steps", type=int, default=16, help="cached decoding steps timed per context (default: 16)")
     parser.add_argument("--repeats", type=int, default=3, help="timed full forwards per context, median (default: 3)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    add_json_option(parser)
     args = parser.parse_args()
+    require_free_output(parser, "--json", args.json, args.overwrite, folder=False)
     if min(args.contexts) <= 0 or args.batch <= 0 or args.steps <= 0 or args.repeats <= 0:
         parser.error("--contexts, --batch, --steps and --repeats must be positive")
     configs = args.config or sorted((REPO / "configs/lm").glob("*.yaml"))
     not_lm = configs_not_of_task(configs, "lm")
     if not_lm:
         parser.error(f"decoding is for language-model configs (task: lm) that exist; not: {not_lm}")
+    refused = refused_configs(configs)
+    if refused:
+        parser.error("; ".join(refused))
     tune_cpu_allocator()
     torch.manual_seed(0)
     block_size = max(args.contexts) + args.steps + 1
@@ -97,8 +103,7 @@ def main() -> None:
                       f"{row['recompute_ms_per_step']:.2f}", f"{row['speedup']:.1f}x")
     Console(width=200).print(table)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2))
+        write_text_atomically(args.json, json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

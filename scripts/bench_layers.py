@@ -13,7 +13,6 @@ import json
 import statistics
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 from rich import box
@@ -22,8 +21,10 @@ from rich.progress import Progress
 from rich.table import Table
 from torch import nn
 
-from lm_moe.layers import DenseFFN, SoftMoE, TopKMoE
+from lm_moe.command_line import ArgumentParser
 from lm_moe.cpu_allocator import tune_cpu_allocator
+from lm_moe.layers import DenseFFN, SoftMoE, TopKMoE
+from lm_moe.output_files import add_json_option, require_free_output, write_text_atomically
 from lm_moe.profiling.timing import time_in_turns
 
 
@@ -74,7 +75,7 @@ def training_step(layer: nn.Module, x: torch.Tensor) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=None, help="sequences per batch (default: 8, or 2 with --quick)")
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--dim", type=int, default=256)
@@ -88,8 +89,9 @@ def parse_args() -> argparse.Namespace:
         help="leave the CPU allocator as it is (by default freed memory is kept for reuse, as on GPUs, "
         "and tensors of 2 MB or more get huge pages)",
     )
-    parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    add_json_option(parser)
     args = parser.parse_args()
+    require_free_output(parser, "--json", args.json, args.overwrite, folder=False)
     for name in ("batch", "seq", "dim", "repeats", "threads"):
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -155,10 +157,9 @@ def main() -> None:
         )
     Console(width=200).print(table)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = {"batch": args.batch, "seq": args.seq, "dim": args.dim, "quick": args.quick,
                 "threads": torch.get_num_threads(), "allocator": allocator}
-        args.json.write_text(json.dumps({"settings": meta, "results": results}, indent=2))
+        write_text_atomically(args.json, json.dumps({"settings": meta, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ from rich.console import Console
 from rich.table import Table
 
 from lm_moe.cli import configs_not_of_task
+from lm_moe.command_line import ArgumentParser
+from lm_moe.output_files import add_json_option, require_free_output, write_text_atomically
+from lm_moe.profiling.models import refused_configs
 from lm_moe.profiling.training_curves import median_scalar
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,21 +51,25 @@ def tokens_per_sec(config: Path, trainer: Path, extra: list[str], steps: int, wa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", type=Path, default=REPO / "configs/lm/top2.yaml",
                         help="LM config (default: configs/lm/top2.yaml)")
     parser.add_argument("--steps", type=int, default=30, help="training steps per run (default: 30)")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the median (default: 5)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of every setting, in turns (default: 2)")
     parser.add_argument("--batch", type=int, default=16, help="per-process batch of the DDP runs (default: 16)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    add_json_option(parser)
     args = parser.parse_args()
+    require_free_output(parser, "--json", args.json, args.overwrite, folder=False)
     if not 0 <= args.warmup < args.steps:
         parser.error(f"--warmup must be in [0, --steps), got {args.warmup} with --steps {args.steps}")
     if args.rounds < 1 or args.batch < 1:
         parser.error(f"--rounds and --batch must be >= 1, got {args.rounds} and {args.batch}")
     if configs_not_of_task([args.config], "lm"):
         parser.error(f"no language-model config at {args.config}")
+    refused = refused_configs([args.config])
+    if refused:
+        parser.error(refused[0])
     args.config = args.config.resolve()  # the fits run in a scratch folder
     quick, ddp = REPO / "configs/trainer/cpu_quick.yaml", REPO / "configs/trainer/cpu_ddp.yaml"
     runs = {
@@ -97,8 +104,7 @@ def main() -> None:
     console.print(table)
     console.print(ratio_table)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"tokens_per_sec": rates, "median": median, "ratios": ratios}, indent=2))
+        write_text_atomically(args.json, json.dumps({"tokens_per_sec": rates, "median": median, "ratios": ratios}, indent=2))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,10 @@ from rich.console import Console
 from rich.table import Table
 
 from lm_moe import cli
+from lm_moe.command_line import ArgumentParser
 from lm_moe.cpu_allocator import tune_cpu_allocator
+from lm_moe.output_files import add_json_option, require_free_output, write_text_atomically
+from lm_moe.profiling.models import refused_configs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,8 +125,9 @@ def parse_timing_options(parser: argparse.ArgumentParser, trainer: Path, task: s
     parser.add_argument("--steps", type=int, default=25, help="training steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
     parser.add_argument("--rounds", type=int, default=3, help="runs of every config, in turns")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
+    add_json_option(parser)
     args = parser.parse_args()
+    require_free_output(parser, "--json", args.json, args.overwrite, folder=False)
     if not 0 <= args.warmup < args.steps:
         parser.error(f"--warmup must be in [0, --steps), got {args.warmup} with --steps {args.steps}")
     if args.rounds < 1:
@@ -133,11 +137,14 @@ def parse_timing_options(parser: argparse.ArgumentParser, trainer: Path, task: s
     wrong = cli.configs_not_of_task(args.config or [], task)
     if wrong:
         parser.error(f"this benchmark times configs of task {task} that exist; not: {', '.join(wrong)}")
+    refused = refused_configs(args.config or [])
+    if refused:
+        parser.error("; ".join(refused))
     return args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", type=Path, action="append", default=None,
                         help="LM config (repeatable; default: every config under configs/lm/)")
     parser.add_argument("--bare", nargs="*", default=["dense", "top2"],
@@ -179,9 +186,8 @@ def main() -> None:
     console.print(rate_table)
     console.print(ratio_table)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         summary = {"tokens_per_sec": rates, "median": median, "ratios": {label: ratio for label, (ratio, _) in ratios.items()}}
-        args.json.write_text(json.dumps(summary, indent=2))
+        write_text_atomically(args.json, json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

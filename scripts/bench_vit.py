@@ -21,7 +21,9 @@ from rich.console import Console
 from rich.table import Table
 
 from bench_train import StepTimer, build, parse_timing_options  # the LM benchmark's Lightning helpers (same folder)
+from lm_moe.command_line import ArgumentParser
 from lm_moe.cpu_allocator import tune_cpu_allocator
+from lm_moe.output_files import write_text_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,7 +40,7 @@ def lightning_images_per_sec(config: Path, trainer_config: Path, steps: int, war
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", type=Path, action="append", default=None,
                         help="ViT config (repeatable; default: every config under configs/vit/); dense.yaml is the reference")
     args = parse_timing_options(parser, REPO / "configs/trainer/cpu_quick_vit.yaml", "vit")
@@ -76,10 +78,9 @@ def main() -> None:
     console.print(rate_table)
     console.print(ratio_table)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         summary = {"images_per_sec": rates, "median": median,
                    "ratios": {label: ratio for label, (ratio, _, _) in ratios.items()}}
-        args.json.write_text(json.dumps(summary, indent=2))
+        write_text_atomically(args.json, json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lm_moe.cli import configs_not_of_task
+from lm_moe.command_line import ArgumentParser, exit_with_error
 from lm_moe.profiling.comparison import (
     EvaluationSettings,
     SweepSettings,
@@ -42,11 +43,12 @@ from lm_moe.profiling.comparison import (
 from lm_moe.profiling.comparison_report import variant_row, write_report
 
 REPO = Path(__file__).resolve().parents[1]
+PROG = "compare_lm.py"
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """The script's own options, and the config overrides (`--model.dim=64`) for every variant."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", type=Path, nargs="+", default=sorted((REPO / "configs/lm").glob("*.yaml")),
                         help="LM configs, one variant each (default: every config under configs/lm/)")
     parser.add_argument("--trainer", type=Path, default=REPO / "configs/trainer/cpu_quick.yaml", help="trainer preset")
@@ -99,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                     for config in args.configs]
         require_same_settings(args.out, settings)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        exit_with_error(PROG, str(error))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     console = Console(width=200)

@@ -23,9 +23,11 @@ Timing: every measurement repeats --warmup + --repeats times (fresh cache each t
 the medians of the last --repeats; memory comes from one more, untimed run. bf16 runs under
 autocast on the CPU or CUDA, the weights staying fp32.
 
-Writes to --out: results.csv and results.json (one row per variant and setting), table.md (the
-markdown table, also printed) and chart.png (decoding tokens/s against the context per batch size,
-one line per variant; images/s against the batch for ViTs). --trace also writes, for each
+Writes to --out (a new or empty folder; --overwrite replaces what it holds once this run has
+written all its files, so a run that fails leaves it as it was): results.csv and results.json (one
+row per variant and setting), table.md (the markdown table, also printed) and chart.png (decoding
+tokens/s against the context per batch size, one line per variant; images/s against the batch for
+ViTs). --trace also writes, for each
 language model, trace_<variant>.json: a torch.profiler trace of one decoding step (first batch
 size, largest context); open it in chrome://tracing or drag it onto https://ui.perfetto.dev.
 """
@@ -39,13 +41,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lm_moe.cli import task_of
+from lm_moe.command_line import ArgumentParser
 from lm_moe.cpu_allocator import tune_cpu_allocator
 from lm_moe.layers.mixture_of_tokens import required_batch_multiple
 from lm_moe.lit.safe_loading import add_escape_option
 from lm_moe.lit.trained_model import check_trained_path
+from lm_moe.output_files import add_overwrite_option, require_free_output, staged_folder
 from lm_moe.profiling.charts import Panel, draw
 from lm_moe.profiling.inference import DTYPES, measure_decoding, measure_images, round_up, trace_decoding_step
-from lm_moe.profiling.models import build_from_config, load_checkpoint, variant_names
+from lm_moe.profiling.models import build_from_config, load_checkpoint, refused_configs, variant_names
 from lm_moe.profiling.tables import Column, markdown_table, write_csv, write_json
 from lm_moe.sample import require_usable_device
 
@@ -73,7 +77,7 @@ CSV_COLUMNS = [*COLUMNS[:2], *(Column(key, key) for key in ("source", "device", 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """The script's own options, and the config overrides (`--model.dim=64`) for every config."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", action="append", default=[], help="LM or ViT config (repeatable)")
     parser.add_argument("--ckpt_path", action="append", default=[],
                         help="lm_moe checkpoint or export folder (repeatable)")
@@ -90,7 +94,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                         help="also write trace_<variant>.json, a torch.profiler trace of one decoding step, for "
                              "each language model (a ViT has no decoding step; open the file in chrome://tracing "
                              "or https://ui.perfetto.dev)")
-    parser.add_argument("--out", type=Path, default=Path("results/inference"), help="folder for the results")
+    parser.add_argument("--out", type=Path, default=Path("results/inference"),
+                        help="folder for the results (refused if it holds files, unless --overwrite)")
+    add_overwrite_option(parser)
     args, overrides = parser.parse_known_args(argv)
     try:
         require_usable_device(args.device)
@@ -98,6 +104,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         parser.error(str(error))
     if overrides and not args.config:
         parser.error(f"config overrides {overrides} need a config (-c)")
+    require_free_output(parser, "--out", args.out, args.overwrite, folder=True)
     if min(args.batch_sizes + args.contexts + [args.new_tokens, args.repeats]) < 1 or args.warmup < 0:
         parser.error("--batch-sizes, --contexts, --new-tokens and --repeats must be >= 1, --warmup >= 0")
     if args.threads is not None and args.threads < 1:
@@ -107,6 +114,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
             check_trained_path(path, args.allow_unsafe_pickle)
         except (ValueError, FileNotFoundError) as error:
             parser.error(str(error))
+    refused = refused_configs(args.config, overrides)
+    if refused:
+        parser.error("; ".join(refused))
     if not args.config and not args.ckpt_path:
         folders = (REPO / "configs/lm", REPO / "configs/vit")
         args.config = [str(path) for folder in folders for path in sorted(folder.glob("*.yaml"))]
@@ -179,18 +189,18 @@ def image_model_rows(model, args, device: torch.device, on_setting) -> list[dict
     return rows
 
 
-def trace(model, name: str, args, device: torch.device) -> str | None:
+def trace(model, name: str, args, device: torch.device, folder: Path) -> str | None:
     """Trace one decoding step at the first batch size and the largest context that fits (None if none does)."""
     contexts = [context for context in args.contexts if context + 1 <= model.block_size]
     if not contexts:
         return None
     batch = round_up(args.batch_sizes[0], required_batch_multiple(model))
-    path = args.out / f"trace_{name}.json"
+    path = folder / f"trace_{name}.json"
     trace_decoding_step(model, batch, max(contexts), device, args.dtype, path)
     return path.name
 
 
-def chart(rows: list[dict], args, title: str) -> None:
+def chart(rows: list[dict], args, title: str, path: Path) -> None:
     """Decoding tokens/s against the context, one panel per batch size; images/s against the batch."""
     panels = []
     lm_rows = [row for row in rows if row.get("task") == "lm" and row["status"] == "ok"]
@@ -209,7 +219,7 @@ def chart(rows: list[dict], args, title: str) -> None:
         for row in vit_rows:
             series.setdefault(row["variant"], []).append((row["batch"], row["images_per_s"]))
         panels.append(Panel("image classifiers", "batch", "images/s", series, log_x=True, y_from_zero=True))
-    draw(panels or [Panel("no successful measurement", "", "", {})], args.out / "chart.png", title)
+    draw(panels or [Panel("no successful measurement", "", "", {})], path, title)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,11 +229,34 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if device.type == "cpu":
         tune_cpu_allocator()
-    args.out.mkdir(parents=True, exist_ok=True)
+    # Every file goes to a staging folder, which replaces --out once all are written: an
+    # interrupted or crashed run leaves --out as it was.
+    with staged_folder(args.out) as folder:
+        rows, traces, settings = measure_all(args, overrides, device, folder)
+        title = f"{settings['device']}, {args.dtype}, {settings['threads']} threads, new tokens {args.new_tokens}"
+        table = markdown_table(rows, COLUMNS)
+        notes = (f"Inference speed ({title}); medians of {args.repeats} repeats after {args.warmup} warm-up. "
+                 "peak MiB: torch's allocations during one prefill + decoding run (one forward for images) above the "
+                 "weights; cache MiB: KV cache + FFN decode states after decoding.\n\n")
+        (folder / "table.md").write_text(notes + table)
+        write_csv(folder / "results.csv", rows, CSV_COLUMNS)
+        grid = {"batch_sizes": args.batch_sizes, "contexts": args.contexts, "new_tokens": args.new_tokens,
+                "warmup": args.warmup, "repeats": args.repeats, "overrides": overrides}
+        write_json(folder / "results.json", {"settings": {**settings, **grid}, "rows": rows})
+        chart(rows, args, title, folder / "chart.png")
+    print(notes + table)
+    print(f"wrote {', '.join(['results.csv', 'results.json', 'table.md', 'chart.png'] + traces)} to {args.out}")
+    failed = sorted({row["variant"] for row in rows if row["status"] == "FAILED"})
+    if failed:
+        print(f"FAILED: {', '.join(failed)} (see the note column)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def measure_all(args, overrides: list[str], device: torch.device, folder: Path) -> tuple[list[dict], list[str], dict]:
+    """The rows of every variant and setting, the trace files written to `folder`, and the settings."""
     console = Console(width=200)
     settings = {"device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads()}
     found = variants(args, overrides)
-
     rows, traces = [], []
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=console, transient=True) as progress:
@@ -243,28 +276,11 @@ def main(argv: list[str] | None = None) -> int:
             rows += [{**common, **row} for row in new_rows]
             if args.trace and language_model:
                 progress.update(task, description=f"{name}: trace of one decoding step")
-                written = trace(model, name, args, device)
+                written = trace(model, name, args, device, folder)
                 traces += [written] if written else []
             progress.advance(task)
             del model
-
-    title = f"{settings['device']}, {args.dtype}, {settings['threads']} threads, new tokens {args.new_tokens}"
-    table = markdown_table(rows, COLUMNS)
-    notes = (f"Inference speed ({title}); medians of {args.repeats} repeats after {args.warmup} warm-up. "
-             "peak MiB: torch's allocations during one prefill + decoding run (one forward for images) above the "
-             "weights; cache MiB: KV cache + FFN decode states after decoding.\n\n")
-    (args.out / "table.md").write_text(notes + table)
-    write_csv(args.out / "results.csv", rows, CSV_COLUMNS)
-    grid = {"batch_sizes": args.batch_sizes, "contexts": args.contexts, "new_tokens": args.new_tokens,
-            "warmup": args.warmup, "repeats": args.repeats, "overrides": overrides}
-    write_json(args.out / "results.json", {"settings": {**settings, **grid}, "rows": rows})
-    chart(rows, args, title)
-    print(notes + table)
-    print(f"wrote {', '.join(['results.csv', 'results.json', 'table.md', 'chart.png'] + traces)} to {args.out}")
-    failed = sorted({row["variant"] for row in rows if row["status"] == "FAILED"})
-    if failed:
-        print(f"FAILED: {', '.join(failed)} (see the note column)", file=sys.stderr)
-    return 1 if failed else 0
+    return rows, traces, settings
 
 
 if __name__ == "__main__":

@@ -123,7 +123,8 @@ def test_compare_lm_refuses_a_bad_override_before_training_anything(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "scripts/compare_lm.py"), *args],
                             capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 2
-    assert "dense.yaml: error:" in result.stderr and "--model.n_layerz" in result.stderr
+    assert result.stderr.startswith("compare_lm.py: error: ") and result.stderr.count("\n") == 1
+    assert "dense.yaml: " in result.stderr and "model.n_layerz" in result.stderr
     assert not out.exists()  # no sweep folder whose recorded settings would refuse the corrected command
 
 

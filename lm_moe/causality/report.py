@@ -16,17 +16,18 @@ import json
 import math
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from lm_moe.causality.checks import Checker, CheckResult, CheckSettings
 from lm_moe.causality.subjects import ModelSubject
+from lm_moe.command_line import ArgumentParser
 from lm_moe.lit.checkpoints import require_matching_state
 from lm_moe.lit.safe_loading import add_escape_option
 from lm_moe.lit.trained_model import load_trained_module, read_trained
 from lm_moe.models.gpt import GPT
+from lm_moe.output_files import add_json_option, require_free_output, write_text_atomically
 
 
 def model_from(configs: list[str], overrides: list[str], ckpt_path: str | None, allow_unsafe_pickle: bool = False) -> GPT:
@@ -37,7 +38,7 @@ def model_from(configs: list[str], overrides: list[str], ckpt_path: str | None, 
     if not configs:
         return load_trained_module(ckpt_path, task="lm", allow_unsafe_pickle=allow_unsafe_pickle).model
     args = [item for config in configs for item in ("-c", config)]
-    module = cli.main(args + overrides + ["--trainer.logger=false"], run=False).model
+    module = cli.main(args + overrides + ["--trainer.logger=false"], run=False, prog=PROG).model
     if not isinstance(getattr(module, "model", None), GPT):
         raise ValueError(f"the causality checks are for language models (task: lm); {configs} builds a {type(module).__name__}")
     if ckpt_path is not None:
@@ -65,7 +66,7 @@ NO_LEAK, LEAK, BAD_INPUT, INTERNAL_FAILURE = 0, 1, 2, 3  # exit statuses
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """The command's own options, and the config overrides (`--model.dim=64`) for the CLI."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("-c", "--config", action="append", default=[], help="LM config(s), as for `python -m lm_moe fit`")
@@ -79,8 +80,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("--seeds", type=int, default=3, help="random inputs per check")
     parser.add_argument("--tolerance", type=float, default=1e-10, help="largest difference a causal model may show (float64)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    add_json_option(parser)
     args, overrides = parser.parse_known_args(argv)
+    require_free_output(parser, "--json", args.json, args.overwrite, folder=False)
     if not args.config and args.ckpt_path is None:
         parser.error("give a config (-c) or a checkpoint (--ckpt_path)")
     if overrides and not args.config:
@@ -109,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     leaks = [result for result in results if result.leaks]
     console.print(f"[bold red]LEAK in {len(leaks)} check(s)[/]" if leaks else "[green]no leak found[/]")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
         # JSON has no NaN: a difference that was not measured is null.
         rows = [{**asdict(result), "max_diff": None if math.isnan(result.max_diff) else result.max_diff} for result in results]
-        args.json.write_text(json.dumps(rows, indent=2, allow_nan=False))
+        write_text_atomically(args.json, json.dumps(rows, indent=2, allow_nan=False))
     return LEAK if leaks else NO_LEAK

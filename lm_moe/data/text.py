@@ -303,7 +303,8 @@ class TextDataModule(pl.LightningDataModule):
         rank_zero_info(
             f"{self._source()}: {n_docs - n_val} train / {n_val} validation documents, "
             f"{train.shape[0]} / {val.shape[0]} blocks of {self.block_size} + 1 tokens; "
-            f"unigram baseline: {unigram_cross_entropy:.3f} nats/token on the whole validation split"
+            f"unigram baseline: {unigram_cross_entropy:.3f} nats/token on the whole validation split "
+            "(TensorBoard's val/unigram_baseline: on the validation batches val/loss covers, limit_val_batches of them)"
         )
         if train.shape[0] < self.batch_size:
             raise ValueError(

@@ -3,8 +3,6 @@
 code when opened, unlike a `.ckpt` pickle; a checkpoint stays what a run resumes from (optimizer,
 schedule, data order), the folder is what others load to sample, evaluate or fine-tune."""
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -13,6 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lm_moe.lit.checkpoints import checkpoint_task
+from lm_moe.output_files import output_problem, staged_folder
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -33,30 +32,22 @@ def export_config(checkpoint: dict) -> dict:
 
 
 def write_export(checkpoint: dict, out: Path, overwrite: bool = False) -> None:
-    """Write the export folder of `checkpoint` at `out`. It is written beside `out` and moved there
-    whole, so a failure leaves no half-written folder; an `out` that holds files is refused unless
-    `overwrite`, which replaces it."""
+    """Write the export folder of `checkpoint` at `out`, whole or not at all (see
+    lm_moe.output_files); an `out` that holds files is refused unless `overwrite`, which replaces it."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"export folder {str(out)!r} is a file; give a folder path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"export folder {str(out)!r} already holds files; choose another or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    problem = output_problem(out, overwrite, folder=True)
+    if problem:
+        raise ValueError(f"export folder {problem}")
+    # Tied weights share a storage, which safetensors refuses to write twice: each key gets its own copy.
+    tensors = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in checkpoint["state_dict"].items()}
+    config = export_config(checkpoint)
     try:
-        # Tied weights share a storage, which safetensors refuses to write twice: each key gets its own copy.
-        tensors = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in checkpoint["state_dict"].items()}
-        config = export_config(checkpoint)
+        config_text = yaml.safe_dump(config, sort_keys=False)
+    except yaml.representer.RepresenterError as error:  # a setting stored as a Python object
+        raise ValueError(f"the checkpoint's settings are not plain values YAML can hold: {error}") from None
+    with staged_folder(out) as staging:
         save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt", "task": config["task"]})
-        try:
-            (staging / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
-        except yaml.representer.RepresenterError as error:  # a setting stored as a Python object
-            raise ValueError(f"the checkpoint's settings are not plain values YAML can hold: {error}") from None
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        (staging / CONFIG_FILE).write_text(config_text)
 
 
 def is_export(path: str | Path) -> bool:

@@ -4,6 +4,7 @@ validation-loss curves against training tokens and wall time (loss_vs_tokens.png
 import math
 from pathlib import Path
 
+from lm_moe.output_files import staged_files
 from lm_moe.profiling.charts import Panel, draw
 from lm_moe.profiling.comparison import SweepSettings, TrainingOutcome, Variant
 from lm_moe.profiling.tables import Column, markdown_table, write_csv, write_json
@@ -75,10 +76,11 @@ def write_report(out: Path, settings: SweepSettings, variants: list[Variant], ro
     )
     shown = [{**row, "status": f"FAILED: {row['reason']}"} if row["status"] == "FAILED" else row for row in rows]
     markdown = header + markdown_table(shown, COLUMNS)
-    (out / "table.md").write_text(markdown)
-    write_csv(out / "results.csv", rows, CSV_COLUMNS)
-    write_json(out / "results.json", {"settings": vars(settings), "definitions": DEFINITIONS, "variants": rows})
-    draw_curves(out, settings, [variant for variant, row in zip(variants, rows) if row["status"] == "ok"])
+    with staged_files(out) as staging:  # the report files replace the last report's once all are written
+        (staging / "table.md").write_text(markdown)
+        write_csv(staging / "results.csv", rows, CSV_COLUMNS)
+        write_json(staging / "results.json", {"settings": vars(settings), "definitions": DEFINITIONS, "variants": rows})
+        draw_curves(staging, settings, [variant for variant, row in zip(variants, rows) if row["status"] == "ok"])
     return markdown
 
 

@@ -8,6 +8,7 @@ every CPU allocation and free (size and address).
 """
 
 import json
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 MIB = 2**20
+# Kineto, the profiler's back end, prints a "USDT: ... profiler_start" line at every session start
+# and stop; level 6 keeps it quiet (it reads the level at the first session). A level set outside stays.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
 _CPU = 0  # "Device Type" of CPU memory events in a profiler trace (c10::DeviceType::CPU)
 
 

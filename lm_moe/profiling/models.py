@@ -67,6 +67,18 @@ def resolved_config(config: str | Path, overrides: list[str] = ()) -> dict:
     return yaml.safe_load(printed.getvalue())
 
 
+def refused_configs(configs, overrides: list[str] = ()) -> list[str]:
+    """The CLI's error for each config (with `overrides`) it refuses to parse: for the scripts'
+    checks before any work."""
+    problems = []
+    for config in configs:
+        try:
+            resolved_config(config, overrides)
+        except ValueError as error:
+            problems.append(str(error))
+    return problems
+
+
 def load_checkpoint(path: str | Path, allow_unsafe_pickle: bool = False) -> nn.Module:
     """The trained network (language model or image classifier) of an lm_moe checkpoint or export
     folder, in eval mode."""

@@ -166,7 +166,9 @@ def test_the_profiler_refuses_a_crafted_checkpoint_before_measuring_anything(cra
 
 def test_export_refuses_a_crafted_checkpoint_and_writes_nothing(crafted, tmp_path, capsys):
     path, marker = crafted
-    assert export.main([str(path), str(tmp_path / "out")]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([str(path), str(tmp_path / "out")])
+    assert exit_info.value.code == 2
     assert "io.open" in capsys.readouterr().err
     assert not marker.exists() and not (tmp_path / "out").exists()
 
@@ -270,8 +272,10 @@ def test_export_keeps_a_folder_that_holds_files_unless_told_to_overwrite(trained
     folder = tmp_path / "export"
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
-    assert export.main([str(trained["lm"]), str(folder)]) == 2
-    assert "already holds files" in capsys.readouterr().err and (folder / "notes.txt").read_text() == "mine"
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([str(trained["lm"]), str(folder)])
+    assert exit_info.value.code == 2
+    assert "export folder " + str(folder) + " already holds files" in capsys.readouterr().err and (folder / "notes.txt").read_text() == "mine"
     assert export.main([str(trained["lm"]), str(folder), "--overwrite"]) == 0
     assert sorted(path.name for path in folder.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
     assert [path.name for path in tmp_path.iterdir()] == ["export"]  # no staging folder left behind
