@@ -158,12 +158,13 @@ class LmMoeCLI(LightningCLI):
         that does not split, say): the logger creates it before the data is set up."""
         logger = self.trainer.logger
         log_dir = Path(logger.log_dir) if isinstance(logger, TensorBoardLogger) else None
-        new_folders = [] if log_dir is None else [folder for folder in (log_dir, log_dir.parent) if not folder.exists()]
+        # <save_dir>/<name>/<version>: those this run is about to make
+        new_folders = [] if log_dir is None else [folder for folder in (log_dir, *log_dir.parents[:2]) if not folder.exists()]
         try:
             super()._run_subcommand(subcommand)
         except BaseException:
             if new_folders and self.trainer.is_global_zero and not batches_started(self.trainer):
-                shutil.rmtree(new_folders[-1], ignore_errors=True)  # runs/<name> too, if this run made it
+                shutil.rmtree(new_folders[-1], ignore_errors=True)
             raise
 
     def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
