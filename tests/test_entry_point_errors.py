@@ -79,6 +79,9 @@ CASES = {
     "bench_scaling missing config": ("scripts/bench_scaling.py", "bench_scaling.py", ["-c", "{missing_config}"], "missing.yaml"),
     "bench_scaling unknown key": ("scripts/bench_scaling.py", "bench_scaling.py", ["-c", "{key}"], "n_layerz"),
     "bench_layers out of range": ("scripts/bench_layers.py", "bench_layers.py", ["--batch", "0"], "--batch must be positive, got 0"),
+    "reference_pair unknown model": ("scripts/reference_pair.py", "reference_pair.py", ["--models", "gpt4"], "'gpt4' is neither"),
+    "reference_pair unknown key": ("scripts/reference_pair.py", "reference_pair.py", ["--models", "{key}"], "n_layerz"),
+    "reference_pair out of range": ("scripts/reference_pair.py", "reference_pair.py", ["--max-steps", "600", "--val-every", "7"], "--val-every (7) must divide"),
     "bench_layers unknown option": ("scripts/bench_layers.py", "bench_layers.py", ["--batches", "2"], "--batches"),
 }
 

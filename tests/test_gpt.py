@@ -154,7 +154,7 @@ def test_embeddings_are_tied_and_counted_once():
 def test_gpt2_init_std():
     n_layer, dim = 4, 256
     torch.manual_seed(0)
-    model = GPT(1000, 64, n_layer=n_layer, n_head=4, dim=dim)
+    model = GPT(1000, 64, n_layer=n_layer, n_head=4, dim=dim, positions="learned")
     residual = 0.02 / math.sqrt(2 * n_layer)
     block = model.blocks[0]
     expected = {
@@ -168,6 +168,16 @@ def test_gpt2_init_std():
     for name, (weight, std) in expected.items():
         assert weight.std().item() == pytest.approx(std, rel=0.05), name
         assert abs(weight.mean().item()) < std / 10, name
+
+
+def test_defaults_are_rotary_positions_and_a_4x_gelu_mlp_or_a_swiglu_one_of_its_flops():
+    model = GPT(VOCAB, BLOCK, n_layer=1, n_head=2, dim=256)
+    assert model.wpe is None and model.blocks[0].attn.rotary
+    experts = model.blocks[0].ffn.expert
+    assert experts.activation == "gelu" and experts.hidden_dim == 1024
+    swiglu = GPT(VOCAB, BLOCK, n_layer=1, n_head=2, dim=256, dense_activation="swiglu").blocks[0].ffn.expert
+    # 3 * 256 * 688 multiply-adds against the GELU MLP's 2 * 256 * 1024: within 1%.
+    assert swiglu.hidden_dim == 688 and 3 * 688 / (2 * 1024) == pytest.approx(1, abs=0.01)
 
 
 def test_rotary_scores_depend_only_on_relative_position():

@@ -31,6 +31,15 @@ _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CPU_LOW_PRECISION_ROW_MULTIPLE = 64
 
 
+def default_hidden_dim(dim: int, activation: str) -> int:
+    """The dense MLP width with the FLOPs of a 4 * dim GELU MLP: 4 * dim for GELU; for SwiGLU,
+    whose three matrices cost 1.5x as much per unit of width, 8 * dim / 3 rounded up to a
+    multiple of 16 (688 for dim 256)."""
+    if activation == "swiglu":
+        return math.ceil(8 * dim / 3 / 16) * 16
+    return 4 * dim
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matmuls on `x` run in: the autocast dtype inside an autocast region, else x's own."""
     if torch.is_autocast_enabled(x.device.type):
@@ -65,10 +74,17 @@ class _ContiguousGrad(torch.autograd.Function):
 
 
 class ExpertWeights(nn.Module):
-    """E independent two-layer FFN experts `w_out(act(w_in x))` held as stacked weight tensors."""
+    """E independent two-layer FFN experts `w_out(act(w_in x))` held as stacked weight tensors.
 
-    def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "gelu"):
+    init_scale: each weight starts this many times larger than in one FFN (here and in the
+        models' inits). A layer that runs a convex mix of its experts' weights sets sqrt(E): the
+        mix of E independent draws shrinks by sqrt(E) at even weights, and so starts at the scale
+        of one FFN instead of 1/sqrt(E) of it (for both matrices: 1/E of the output).
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "gelu", init_scale: float = 1.0):
         super().__init__()
+        self.init_scale = init_scale
         self.num_experts = require_positive_int("num_experts", num_experts)
         self.dim = require_positive_int("dim", dim)
         self.hidden_dim = require_positive_int("hidden_dim", hidden_dim)
@@ -80,9 +96,10 @@ class ExpertWeights(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # The bounds nn.Linear uses: uniform in +-1/sqrt(fan_in).
-        nn.init.uniform_(self.w_in, -1 / math.sqrt(self.dim), 1 / math.sqrt(self.dim))
-        nn.init.uniform_(self.w_out, -1 / math.sqrt(self.hidden_dim), 1 / math.sqrt(self.hidden_dim))
+        # The bounds nn.Linear uses: uniform in +-1/sqrt(fan_in), times init_scale.
+        for weight, fan_in in ((self.w_in, self.dim), (self.w_out, self.hidden_dim)):
+            bound = self.init_scale / math.sqrt(fan_in)
+            nn.init.uniform_(weight, -bound, bound)
 
     def activate(self, h: torch.Tensor) -> torch.Tensor:
         """The nonlinearity between w_in and w_out: h [..., H or 2H] -> [..., H]."""

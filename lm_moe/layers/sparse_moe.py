@@ -14,6 +14,7 @@ from lm_moe.layers.ffn import ExpertWeights
 from lm_moe.layers.inputs import check_layer_input
 from lm_moe.layers.layer_output import LayerAux, deferred_stats
 from lm_moe.layers.routing import (
+    ROUTER_INIT_STD,
     TopKRouter,
     gshard_keep,
     load_balancing_loss,
@@ -63,6 +64,13 @@ class TopKMoE(FeedForwardLayer):
         whole batch is one group, its rows in order (row 0 first), as V-MoE routes groups of images.
         Then a row's drops depend on the other rows: not per-example deterministic, and `is_causal`
         is False (a decoder refuses it). Decoding treats each call's new tokens as one group.
+    route_scale: multiplies the combine weights (DeepSeek-V3's routed scaling factor). None (the
+        default) = top_k with renormalised weights, 1 without. Renormalised weights sum to 1, so
+        without it a top-2 output is the mean of two experts: half the output, and half the
+        effect of each Adam step on it, of the dense MLP that the two half-width experts
+        replace. Scaled by k, the chosen experts weigh about 1 each, as the k slices of a dense
+        MLP do in that MLP: at even weights, k experts holding its k slices compute it exactly.
+    router_init_std: the router's initial N(0, std) (see `TopKRouter`).
     aux.loss = load_balance_weight * Switch load-balancing loss + z_loss_weight * ST-MoE z-loss.
     """
 
@@ -80,6 +88,8 @@ class TopKMoE(FeedForwardLayer):
         jitter_noise: float = 0.0,
         capacity_priority: str = "position",
         capacity_group: str = "sequence",
+        route_scale: float | None = None,
+        router_init_std: float = ROUTER_INIT_STD,
     ):
         super().__init__()
         require_positive_int("num_experts", num_experts)
@@ -99,7 +109,11 @@ class TopKMoE(FeedForwardLayer):
         require_choice("capacity_group", capacity_group, CAPACITY_GROUPS)
         self.capacity_group = capacity_group
         self.experts = ExpertWeights(num_experts, dim, hidden_dim, activation)
-        self.router = TopKRouter(dim, num_experts, top_k, renormalize, jitter_noise)
+        if route_scale is None:
+            route_scale = top_k if renormalize else 1.0
+        self.router = TopKRouter(dim, num_experts, top_k, renormalize, jitter_noise,
+                                 require_positive_float("route_scale", route_scale),
+                                 require_positive_float("router_init_std", router_init_std))
 
     @property
     def is_causal(self) -> bool:

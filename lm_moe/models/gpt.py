@@ -18,7 +18,7 @@ from lm_moe.layers.attention import KVCache
 from lm_moe.layers.block import BlockCache, TransformerBlock
 from lm_moe.layers.feed_forward_layer import FeedForwardLayer
 from lm_moe.argument_checks import require_choice, require_fraction, require_positive_int
-from lm_moe.layers.ffn import ACTIVATIONS, DenseFFN, ExpertWeights
+from lm_moe.layers.ffn import ACTIVATIONS, DenseFFN, ExpertWeights, default_hidden_dim
 
 MOE_BLOCKS = ("all", "every_other", "second_half", "none")
 POSITIONS = ("learned", "rotary")
@@ -82,11 +82,15 @@ class GPT(nn.Module):
         moe_blocks: str = "all",
         dense_hidden_dim: int | None = None,
         dense_activation: str = "gelu",
-        positions: str = "learned",
+        positions: str = "rotary",
         dropout: float = 0.0,
         allow_noncausal: bool = False,
     ):
-        """`allow_noncausal=True` lets a layer that sees the future (`is_causal = False`, e.g. the
+        """Blocks outside `moe_blocks` (all of them without `ffn`) get a dense MLP with
+        `dense_activation`, of width `dense_hidden_dim` (None: the FLOPs of a 4 * dim GELU MLP, see
+        `default_hidden_dim`). Rotary positions and GELU are the defaults: the strongest dense and
+        MoE models measured at this scale (docs/moe_baseline.md).
+        `allow_noncausal=True` lets a layer that sees the future (`is_causal = False`, e.g. the
         naive SoftMoE) into this decoder, as a control for the leakage suite; otherwise it is refused."""
         super().__init__()
         for name, value in [("vocab_size", vocab_size), ("block_size", block_size), ("n_layer", n_layer),
@@ -112,7 +116,7 @@ class GPT(nn.Module):
         def block_ffn(i: int) -> nn.Module:
             if i in self.moe_indices:
                 return ffn(dim)
-            return DenseFFN(dim, dense_hidden_dim or 4 * dim, dense_activation)
+            return DenseFFN(dim, dense_hidden_dim or default_hidden_dim(dim, dense_activation), dense_activation)
 
         self.wte = nn.Embedding(vocab_size, dim)
         self.wpe = nn.Embedding(block_size, dim) if positions == "learned" else None
@@ -130,7 +134,8 @@ class GPT(nn.Module):
 
     def _init_weights(self) -> None:
         """GPT-2: N(0, 0.02) everywhere; projections that write into the residual stream get
-        0.02 / sqrt(2 * n_layer), since each block adds two of them. Other raw parameters of the FFN
+        0.02 / sqrt(2 * n_layer), since each block adds two of them; expert weights times their
+        `init_scale` (see ExpertWeights). Other raw parameters of the FFN
         layers (routers, slot embeddings, scales) keep their layer's own init."""
         residual_std = INIT_STD / math.sqrt(2 * self.n_layer)
         for module in self.modules():
@@ -139,8 +144,8 @@ class GPT(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, ExpertWeights):
-                nn.init.normal_(module.w_in, std=INIT_STD)
-                nn.init.normal_(module.w_out, std=residual_std)
+                nn.init.normal_(module.w_in, std=INIT_STD * module.init_scale)
+                nn.init.normal_(module.w_out, std=residual_std * module.init_scale)
         for block in self.blocks:
             nn.init.normal_(block.attn.proj.weight, std=residual_std)
 

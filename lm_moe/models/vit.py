@@ -130,7 +130,7 @@ class ViT(nn.Module):
                 nn.init.zeros_(module.bias)
             elif isinstance(module, ExpertWeights):
                 for weight in (module.w_in, module.w_out):  # [E, fan_in, fan_out]
-                    bound = math.sqrt(6 / (weight.shape[1] + weight.shape[2]))
+                    bound = module.init_scale * math.sqrt(6 / (weight.shape[1] + weight.shape[2]))
                     nn.init.uniform_(weight, -bound, bound)
         fan_in = self.channels * self.patch_embed.kernel_size[0] * self.patch_embed.kernel_size[1]
         nn.init.normal_(self.patch_embed.weight, std=fan_in**-0.5)

@@ -26,7 +26,7 @@ def topk_choices(moe, x: torch.Tensor):
     weight, index = probs.topk(moe.top_k, dim=-1)
     if moe.router.renormalize:
         weight = weight / weight.sum(-1, keepdim=True)
-    return probs, index, weight
+    return probs, index, weight * moe.router.route_scale
 
 
 def capacity_kept(index: torch.Tensor, num_experts: int, capacity_factor: float | None) -> torch.Tensor:

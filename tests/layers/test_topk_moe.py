@@ -27,9 +27,10 @@ def make_moe(**kwargs) -> TopKMoE:
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-@pytest.mark.parametrize("top_k, renormalize", [(1, True), (2, True), (2, False), (3, True)])
-def test_dropless_output_and_gradients_match_reference(activation, top_k, renormalize):
-    moe = make_moe(top_k=top_k, renormalize=renormalize, activation=activation)
+@pytest.mark.parametrize("top_k, renormalize, route_scale", [(1, True, 1.0), (2, True, 1.0), (2, False, 1.0), (3, True, 1.0),
+                                                             (2, True, 2.0), (2, False, 0.5)])
+def test_dropless_output_and_gradients_match_reference(activation, top_k, renormalize, route_scale):
+    moe = make_moe(top_k=top_k, renormalize=renormalize, activation=activation, route_scale=route_scale)
     x = torch.randn(3, 7, 8, dtype=torch.float64, requires_grad=True)
     y, _ = moe(x)
     params = [x, moe.experts.w_in, moe.experts.w_out, moe.router.weight]
@@ -197,11 +198,20 @@ def test_bf16_autocast_keeps_router_in_fp32(capacity_factor):
         (dict(jitter_noise=True), "jitter_noise"),
         (dict(capacity_priority="first"), "capacity_priority"),
         (dict(capacity_group="image"), "capacity_group"),
+        (dict(route_scale=0), r"route_scale must be a positive number, got 0"),
+        (dict(router_init_std=-0.02), r"router_init_std must be a positive number, got -0.02"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         make_moe(**kwargs)
+
+
+@pytest.mark.parametrize("router_init_std", [0.02, 8**-0.5])
+def test_router_starts_at_its_init_std(router_init_std):
+    torch.manual_seed(0)
+    moe = TopKMoE(dim=8, hidden_dim=4, num_experts=4096, router_init_std=router_init_std)
+    assert moe.router.weight.std().item() == pytest.approx(router_init_std, rel=0.02)
 
 
 def test_capacity_is_prefix_consistent():
