@@ -314,7 +314,7 @@ def test_loss_goes_down_on_a_tiny_fixed_corpus(tmp_path, monkeypatch):
         f"--data.data_files={corpus}/*.txt",
         "--data.vocab_size=300",
         "--model.learning_rate=0.01",
-        steps=30,
+        steps=50,
     )
     losses = scalars(Path(run.trainer.logger.log_dir))["train/loss"]
     assert losses[-1] < 0.5 * losses[0]
