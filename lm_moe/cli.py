@@ -26,7 +26,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lm_moe.argument_checks import require_non_negative_float
 from lm_moe.command_line import OneLineErrors
-from lm_moe.layers.mixture_of_tokens import required_batch_multiple
+from lm_moe.layers.batch_groups import required_batch_multiple
 from lm_moe.lit.callbacks import ImagePredictionWriter, TextPredictionWriter, Throughput
 from lm_moe.lit.checkpoint_callback import LastAndBestCheckpoint
 from lm_moe.lit.checkpoints import read_checkpoint, require_matching_state, setting_differences

@@ -25,7 +25,7 @@ from rich.table import Table
 from lm_moe.cli import configs_not_of_task
 from lm_moe.command_line import ArgumentParser
 from lm_moe.cpu_allocator import tune_cpu_allocator
-from lm_moe.layers.mixture_of_tokens import required_batch_multiple
+from lm_moe.layers.batch_groups import required_batch_multiple
 from lm_moe.output_files import add_json_option, require_free_output, write_text_atomically
 from lm_moe.profiling.inference import round_up
 from lm_moe.profiling.models import build_from_config, refused_configs

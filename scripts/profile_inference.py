@@ -43,7 +43,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from lm_moe.cli import task_of
 from lm_moe.command_line import ArgumentParser
 from lm_moe.cpu_allocator import tune_cpu_allocator
-from lm_moe.layers.mixture_of_tokens import required_batch_multiple
+from lm_moe.layers.batch_groups import required_batch_multiple
 from lm_moe.lit.safe_loading import add_escape_option
 from lm_moe.lit.trained_model import check_trained_path
 from lm_moe.output_files import add_overwrite_option, require_free_output, staged_folder

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lm_moe.layers.attention import apply_rotary, rotary_cos_sin
+from lm_moe.layers.feed_forward_layer import FeedForwardLayer
 from lm_moe.layers.ffn import DenseFFN
 from lm_moe.layers.layer_output import LayerAux
 from lm_moe.layers.mixture_of_tokens import MixtureOfTokens
@@ -18,7 +19,7 @@ from lm_moe.models import GPT, generate
 VOCAB, BLOCK = 37, 16
 
 
-class CumulativeMeanFFN(nn.Module):
+class CumulativeMeanFFN(FeedForwardLayer):
     """Test-only causal token mixer with decode state: y_t = W mean(x_0..x_t)."""
 
     def __init__(self, dim: int):

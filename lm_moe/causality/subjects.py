@@ -10,18 +10,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lm_moe.layers.mixture_of_tokens import required_batch_multiple
+from lm_moe.layers.batch_groups import required_batch_multiple
+from lm_moe.layers.feed_forward_layer import FeedForwardLayer, feed_forward_layers
 from lm_moe.models.gpt import GPT
 
 
 def _structure_sizes(module: nn.Module) -> tuple[set[int], int]:
-    """Chunk / segment lengths of the layers in `module` (where the probes must look closely) and
-    the batch multiple their groups need (Mixture of Tokens decodes groups of sequences together)."""
-    boundaries = set()
-    for layer in module.modules():
-        for name in ("chunk_size", "segment_size"):
-            if isinstance(getattr(layer, name, None), int):
-                boundaries.add(getattr(layer, name))
+    """The structure lengths of the FFN layers in `module` (where the probes must look closely) and
+    the batch multiple they need (Mixture of Tokens decodes groups of sequences together)."""
+    boundaries = {length for layer in feed_forward_layers(module) for length in layer.structure_lengths}
     return boundaries, required_batch_multiple(module)
 
 
@@ -34,13 +31,13 @@ def _starts(pieces: list[int]) -> list[int]:
 class LayerSubject:
     """An FFN layer with the layer contract, on float inputs [B, T, D] (float64 for exact checks)."""
 
-    layer: nn.Module
+    layer: FeedForwardLayer
     dim: int
 
     def __post_init__(self):
         self.boundaries, self.batch_multiple = _structure_sizes(self.layer)
         self.max_length = None  # a layer takes any length
-        self.per_example = getattr(self.layer, "per_example_deterministic", True)
+        self.per_example = self.layer.per_example_deterministic
 
     @property
     def name(self) -> str:
@@ -60,14 +57,10 @@ class LayerSubject:
         return self.layer(x, mask)[0]
 
     def decode(self, x: torch.Tensor, pieces: list[int]) -> torch.Tensor:
-        """As the model decodes: through the layer's decode() and its state where it has one,
-        else the layer alone on each piece of new tokens (right for per-token layers only)."""
+        """As the model decodes: through the layer's decode(), carrying its state."""
         state, outputs = None, []
         for piece in (x[:, start : start + length] for start, length in zip(_starts(pieces), pieces)):
-            if callable(getattr(self.layer, "decode", None)):
-                y, state = self.layer.decode(piece, state)
-            else:
-                y = self.layer(piece)[0]
+            y, state = self.layer.decode(piece, state)
             outputs.append(y)
         return torch.cat(outputs, dim=1)
 
@@ -93,7 +86,7 @@ class ModelSubject:
     def __post_init__(self):
         self.boundaries, self.batch_multiple = _structure_sizes(self.model)
         self.max_length = self.model.block_size
-        self.per_example = all(getattr(m, "per_example_deterministic", True) for m in self.model.modules())
+        self.per_example = all(layer.per_example_deterministic for layer in feed_forward_layers(self.model))
 
     @property
     def name(self) -> str:

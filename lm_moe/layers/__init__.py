@@ -1,11 +1,14 @@
 """Feed-forward layers with one contract (`FeedForwardLayer`): `y, aux = layer(x, mask=None)`, x and y [B, T, D].
 
-Causal layers that mix tokens also decode incrementally: `y, state = layer.decode(x_new, state)`.
+Every layer decodes incrementally, `y, state = layer.decode(x_new, state)`: the layers that mix
+tokens over time carry a state, the others run on the new tokens alone. A layer of your own
+subclasses `FeedForwardLayer`, checks its input with `check_layer_input` and returns a `LayerAux`.
 """
 
 from lm_moe.layers.cumulative_soft_moe import CumulativeSoftMoE
 from lm_moe.layers.feed_forward_layer import FeedForwardLayer
 from lm_moe.layers.ffn import ACTIVATIONS, DenseFFN, ExpertWeights
+from lm_moe.layers.inputs import check_layer_input
 from lm_moe.layers.lagged_chunk_soft_moe import LaggedChunkSoftMoE
 from lm_moe.layers.layer_output import LayerAux
 from lm_moe.layers.mixture_of_tokens import MixtureOfTokens
@@ -25,4 +28,5 @@ __all__ = [
     "SegmentMergedMoE",
     "SoftMoE",
     "TopKMoE",
+    "check_layer_input",
 ]

@@ -1,9 +1,7 @@
-"""Pre-norm transformer block: causal self-attention, then any FFN layer with the MoE layer contract.
+"""Pre-norm transformer block: causal self-attention, then any FFN layer (`FeedForwardLayer`).
 
-Incremental decoding protocol for FFN layers: a layer that mixes tokens causally (and so carries
-per-sequence state) has `decode(x, state) -> (y, new_state)`, state None at the start; the block
-calls it on the new tokens and keeps the state in its `BlockCache`. A layer without `decode` is
-per token and is simply called on the new tokens.
+When decoding, the block runs the FFN's `decode(x, state) -> (y, new_state)` on the new tokens,
+state None at the start, and keeps the state in its `BlockCache`.
 """
 
 from dataclasses import dataclass
@@ -13,6 +11,7 @@ import torch
 from torch import nn
 
 from lm_moe.layers.attention import CausalSelfAttention, KVCache
+from lm_moe.layers.feed_forward_layer import FeedForwardLayer
 from lm_moe.layers.layer_output import LayerAux
 
 
@@ -24,17 +23,16 @@ class BlockCache:
     ffn_state: Any = None  # whatever the FFN's decode() returned last; None for per-token FFNs
 
 
-def run_ffn(ffn: nn.Module, x: torch.Tensor, cache: BlockCache | None) -> tuple[torch.Tensor, LayerAux]:
-    """The FFN on x [B, T, D]; when decoding, through its decode() if it has one (updating cache.ffn_state)."""
-    decode = getattr(ffn, "decode", None)
-    if cache is None or not callable(decode):
+def run_ffn(ffn: FeedForwardLayer, x: torch.Tensor, cache: BlockCache | None) -> tuple[torch.Tensor, LayerAux]:
+    """The FFN on x [B, T, D]; when decoding, through its decode() (updating cache.ffn_state)."""
+    if cache is None:
         return ffn(x)
-    y, cache.ffn_state = decode(x, cache.ffn_state)
+    y, cache.ffn_state = ffn.decode(x, cache.ffn_state)
     return y, LayerAux.empty(x)  # decode() reports no loss or stats: decoding is not training
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, dim: int, n_head: int, ffn: nn.Module, dropout: float = 0.0, rotary: bool = False):
+    def __init__(self, dim: int, n_head: int, ffn: FeedForwardLayer, dropout: float = 0.0, rotary: bool = False):
         super().__init__()
         self.ln1 = nn.LayerNorm(dim)
         self.attn = CausalSelfAttention(dim, n_head, dropout=dropout, rotary=rotary)

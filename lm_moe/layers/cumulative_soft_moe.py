@@ -93,6 +93,10 @@ class CumulativeSoftMoE(FeedForwardLayer):
         self.slot_embeddings = nn.Parameter(torch.randn(dim, self.num_slots) * dim**-0.5)  # phi [D, S]
         self.scale = nn.Parameter(torch.ones(()))
 
+    def parameter_macs_per_token(self) -> float:
+        """The slot logits (D*S) and all S slots' expert calls at every position."""
+        return self.slot_embeddings.numel() + self.num_slots * self.experts.parameters_per_expert
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
         check_layer_input(x, mask, self.experts.dim)
         logits = soft_routing_logits(x, self.slot_embeddings, self.scale)  # [B, T, S]

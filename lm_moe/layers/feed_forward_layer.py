@@ -1,4 +1,7 @@
-"""The base class of the FFN layers the models build: the contract, and what code reads off a layer."""
+"""The contract of the FFN layers the models build (`FeedForwardLayer`), and the walk that finds them in a model."""
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,14 +14,21 @@ class FeedForwardLayer(nn.Module):
     (y [B, T, D], LayerAux).
 
     The models' `ffn` (GPT) and `mlp` (ViT) settings take a subclass: its class_path in a config,
-    with `dim` given by the model. A layer of your own subclasses this one to be accepted there.
-    The class attributes describe it to the rest of lm_moe:
+    with `dim` given by the model. A layer of your own subclasses this one, implements `forward`
+    (refusing bad input with `check_layer_input`) and overrides what differs from the defaults,
+    which fit a layer that treats every token on its own. The rest of lm_moe knows a layer by
+    these members only:
 
+    forward, decode: the layer on whole sequences; incrementally, as a decoder generates.
     is_causal: whether y[:, t] depends on x[:, :t + 1] only. The GPT refuses a layer that sets it
         False; the leakage suite (`lm_moe.causality`) tests the claim of one that leaves it True.
     per_example_deterministic: whether a row's outputs are independent of the other rows of the
         batch (False for a layer that mixes rows, such as Mixture of Tokens).
     no_weight_decay: names of parameters AdamW must leave undecayed (see `adamw_param_groups`).
+    structure_lengths: the lengths of the blocks of time the layer works in.
+    batch_multiple: what the batch size must be a multiple of.
+    parameter_macs_per_token: the layer's cost, as the profiler counts it.
+    The stats in `LayerAux.stats` declare by their dtype how data-parallel ranks combine them.
     """
 
     is_causal: bool = True
@@ -26,4 +36,64 @@ class FeedForwardLayer(nn.Module):
     no_weight_decay: tuple[str, ...] = ()
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
+        """The layer on whole sequences, as in training and evaluation.
+
+        Args:
+            x: [B, T, D] float, B, T >= 1.
+            mask: [B, T] bool, True = real token, or None (all real). Padding takes no part in
+                any other token's output.
+        Returns:
+            y: [B, T, D], 0 at padding.
+            aux: the loss to add to the training loss and the stats to log (see `LayerAux`).
+        """
         raise NotImplementedError(f"{type(self).__name__} must define forward(x, mask=None) -> (y, LayerAux)")
+
+    def decode(self, x: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        """The next tokens of every sequence, given what earlier calls returned.
+
+        Args:
+            x: [B, t, D], the t >= 1 tokens after those the state has seen.
+            state: what the previous call returned; None at the start of the sequences.
+        Returns:
+            y: [B, t, D], what `forward` gives these positions on the whole sequence (for a causal
+                layer; decoding reports no loss or stats).
+            state: to pass to the next call.
+
+        By default the layer runs on the new tokens alone and keeps no state: right for a layer
+        that treats every token on its own. A layer that mixes tokens over time overrides this.
+        """
+        return self(x)[0], None
+
+    @property
+    def structure_lengths(self) -> tuple[int, ...]:
+        """The lengths, in tokens, of the blocks of time the layer works in (chunks, segments): the
+        leakage suite splits sequences at and around their multiples, where a leak from one block
+        to the next would show. None by default."""
+        return ()
+
+    @property
+    def batch_multiple(self) -> int:
+        """The batch size must be a multiple of this: a layer that mixes groups of rows needs whole
+        groups (training refuses other batch sizes, evaluation and decoding fill their batches).
+        1 by default."""
+        return 1
+
+    def parameter_macs_per_token(self) -> float:
+        """Multiply-adds with parameters per token: the layer's cost as `lm_moe.profiling.model_cost`
+        counts it (a dense layer's parameter count; for a sparse or pooled layer, the parameters
+        its tokens use, in the share they use them)."""
+        raise NotImplementedError(f"{type(self).__name__} must define parameter_macs_per_token() to be costed")
+
+
+def feed_forward_layers(module: nn.Module) -> list[FeedForwardLayer]:
+    """The FFN layers in `module`, itself included."""
+    return [layer for layer in module.modules() if isinstance(layer, FeedForwardLayer)]
+
+
+def build_feed_forward_layer(factory: Callable[[int], FeedForwardLayer], dim: int, setting: str) -> FeedForwardLayer:
+    """`factory(dim)`, refused with ValueError unless it is a `FeedForwardLayer`: the models know a
+    layer only through that contract. `setting` names the factory in the message."""
+    layer = factory(dim)
+    if not isinstance(layer, FeedForwardLayer):
+        raise ValueError(f"{setting}(dim) must build a FeedForwardLayer, got {type(layer).__name__}")
+    return layer

@@ -95,6 +95,11 @@ class ExpertWeights(nn.Module):
         self.w_out = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.reset_parameters()
 
+    @property
+    def parameters_per_expert(self) -> int:
+        """The parameters of one expert: its rows of w_in and w_out."""
+        return (self.w_in.numel() + self.w_out.numel()) // self.num_experts
+
     def reset_parameters(self) -> None:
         # The bounds nn.Linear uses: uniform in +-1/sqrt(fan_in), times init_scale.
         for weight, fan_in in ((self.w_in, self.dim), (self.w_out, self.hidden_dim)):
@@ -164,3 +169,7 @@ class DenseFFN(FeedForwardLayer):
         if mask is not None:
             y = y * mask.unsqueeze(-1)
         return y, LayerAux.empty(x)
+
+    def parameter_macs_per_token(self) -> float:
+        """Every parameter once per token."""
+        return self.expert.parameters_per_expert

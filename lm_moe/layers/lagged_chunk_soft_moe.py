@@ -103,6 +103,15 @@ class LaggedChunkSoftMoE(FeedForwardLayer):
         self.scale = nn.Parameter(torch.ones(()))
         self.null_outputs = nn.Parameter(torch.zeros(self.num_slots, dim))  # what chunk 0 reads
 
+    @property
+    def structure_lengths(self) -> tuple[int, ...]:
+        return (self.chunk_size,)
+
+    def parameter_macs_per_token(self) -> float:
+        """The slot logits (D*S), the shared expert, and S expert calls per chunk of C tokens."""
+        experts = self.num_slots / self.chunk_size * self.experts.parameters_per_expert
+        return self.slot_embeddings.numel() + self.shared.parameters_per_expert + experts
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
         check_layer_input(x, mask, self.experts.dim)
         B, T, D = x.shape

@@ -58,7 +58,10 @@ class LayerAux:
 
     loss:  scalar to add to the training loss (zero for layers without one).
     stats: detached tensors for logging (tokens per expert, router entropy, ...); the MoE layers
-           compute them when first read (`DeferredStats`).
+           compute them when first read (`DeferredStats`). A stat's dtype says how the stats of
+           data-parallel ranks combine into those of the global batch: an integer stat is a
+           count, summed over the ranks; a floating one (a mean, fraction, entropy or loss) is
+           averaged over them.
     """
 
     loss: torch.Tensor

@@ -27,11 +27,10 @@ combine. Parameters: E*(2*D*H) experts + D*S slot embeddings + 1 scale.
 Padding (`mask` [B, T], True = real token, padding at the end of rows): padded tokens take no part
 in dispatch and output 0; a position where the whole group is padded gives empty slots.
 
-Decoding: no temporal state; every step is this same layer on the new positions, and the G
-sequences of a group must decode in lock-step (the batch a multiple of G).
+Decoding: no temporal state, so the default `decode` (every step is this same layer on the new
+positions); the G sequences of a group decode in lock-step (the batch a multiple of G:
+`batch_multiple`).
 """
-
-import math
 
 import torch
 from torch import nn
@@ -104,10 +103,14 @@ class MixtureOfTokens(FeedForwardLayer):
         aux.stats = deferred_stats(self._stats, logits, dispatch, combine, valid)
         return y.reshape(B, T, D), aux
 
-    def decode(self, x: torch.Tensor, state: None) -> tuple[torch.Tensor, None]:
-        """Incremental decoding: x [B, t, D] are the next t positions of every row; the groups
-        decode in lock-step. No temporal state: the state stays None."""
-        return self(x)[0], None
+    @property
+    def batch_multiple(self) -> int:
+        """Whole groups: the rows of a group are mixed together, and decode in lock-step."""
+        return self.group_size
+
+    def parameter_macs_per_token(self) -> float:
+        """The slot logits (D*S) and S expert calls per group of G tokens: S / G experts' parameters."""
+        return self.slot_embeddings.numel() + self.num_slots / self.group_size * self.experts.parameters_per_expert
 
     def _num_groups(self, batch_size: int) -> int:
         if batch_size % self.group_size != 0:
@@ -128,19 +131,3 @@ class MixtureOfTokens(FeedForwardLayer):
             "dispatch_entropy": masked_mean(dispatch_entropy, group_positions).float(),
             **combine_stats(logits, combine, tokens),
         }
-
-
-def required_batch_multiple(module: nn.Module) -> int:
-    """The multiple of which a batch through `module` must be: the least common multiple of the
-    group sizes of its Mixture of Tokens layers (1 without any)."""
-    return math.lcm(1, *(layer.group_size for layer in module.modules() if isinstance(layer, MixtureOfTokens)))
-
-
-def fill_groups(rows: torch.Tensor, multiple: int) -> torch.Tensor:
-    """rows [B, ...] -> [B', ...], B' the next multiple of `multiple`, by repeating rows from the
-    start: a short last evaluation batch still fills whole groups. The added rows share groups
-    with real ones (as any batch-mates do in Mixture of Tokens); callers drop their outputs."""
-    missing = -rows.shape[0] % multiple
-    if missing == 0:
-        return rows
-    return torch.cat([rows, rows[torch.arange(missing, device=rows.device) % rows.shape[0]]])  # [B', ...]

@@ -106,6 +106,16 @@ class SegmentMergedMoE(FeedForwardLayer):
     def is_causal(self) -> bool:  # per instance: False for the leaky "self" control
         return self.first_segment == "prior"
 
+    @property
+    def structure_lengths(self) -> tuple[int, ...]:
+        return (self.segment_size,)
+
+    def parameter_macs_per_token(self) -> float:
+        """One merged FFN per token, plus the router (D*E) and the merge of all E experts once per
+        segment of C tokens."""
+        merge = self.experts.parameters_per_expert * self.num_experts / self.segment_size
+        return self.router_weight.numel() / self.segment_size + self.experts.parameters_per_expert + merge
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
         check_layer_input(x, mask, self.experts.dim)
         out = self._segments(x, mask, previous_mean=None)

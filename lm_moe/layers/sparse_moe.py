@@ -121,6 +121,10 @@ class TopKMoE(FeedForwardLayer):
             return True
         return self.capacity_priority == "position" and self.capacity_group == "sequence"
 
+    def parameter_macs_per_token(self) -> float:
+        """The router (D*E) and the top_k chosen experts."""
+        return self.router.weight.numel() + self.top_k * self.experts.parameters_per_expert
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
         """`mask` [B, T] (True = real token): padding is routed nowhere and outputs 0."""
         check_layer_input(x, mask, self.experts.dim)
@@ -132,7 +136,7 @@ class TopKMoE(FeedForwardLayer):
         (state None); with a capacity, state = (position, served [B, E]), the choices each expert
         has served so far in each sequence."""
         if self.capacity_factor is None or self.capacity_group == "batch":
-            return self(x)[0], None
+            return super().decode(x, state)
         position, served = state if state is not None else (0, None)
         y, _, served = self._route_and_run(x, None, position, served)
         return y, (position + x.shape[1], served)
@@ -206,7 +210,7 @@ class TopKMoE(FeedForwardLayer):
         served_share = rows_per_expert.sum() / torch.as_tensor(num_choices).clamp_min(1)
         # Run under no_grad (DeferredStats): only the two losses, computed with gradients, need detaching.
         return {
-            "tokens_per_expert": rows_per_expert.float(),
+            "tokens_per_expert": rows_per_expert,  # a count: summed over data-parallel ranks
             "dropped_fraction": (1 - served_share).float(),
             "router_entropy": router_entropy(routing, valid),
             "load_balance_loss": balance.detach(),

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import torchmetrics
 
 from lm_moe.argument_checks import require_non_negative_int, require_positive_int
-from lm_moe.layers.mixture_of_tokens import fill_groups, required_batch_multiple
+from lm_moe.layers.batch_groups import fill_groups, required_batch_multiple
 from lm_moe.lit.checkpoints import require_matching_state
 from lm_moe.lit.moe_metrics import log_moe_stats
 from lm_moe.lit.optim import check_adamw_settings, configure_adamw

@@ -11,15 +11,14 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 # A stat with one value per expert or slot (any stat that is not a scalar) is a load vector:
 # logged as a histogram plus a max/min load ratio and an idle fraction.
-# Counts add up over data-parallel ranks; every other stat (entropies, fractions, losses) is averaged.
-_SUMMED_STATS = ("tokens_per_expert",)
 
 LayerStats = dict[str, dict[str, torch.Tensor]]
 
 
 def reduce_over_ranks(layer_stats: LayerStats, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor], world_size: int) -> LayerStats:
     """The stats of the global batch: one all-reduce of all stats flattened together, then counts
-    summed and everything else averaged over the `world_size` ranks."""
+    (integer stats, see `LayerAux`) summed and the floating ones averaged over the `world_size`
+    ranks. Every result is float32."""
     if world_size == 1 or not layer_stats:
         return layer_stats
     keys = [(block, name) for block, stats in layer_stats.items() for name in stats]
@@ -30,7 +29,7 @@ def reduce_over_ranks(layer_stats: LayerStats, all_reduce_sum: Callable[[torch.T
         like = layer_stats[block][name]
         value = total[start : start + like.numel()].reshape(like.shape)
         start += like.numel()
-        reduced.setdefault(block, {})[name] = value if name in _SUMMED_STATS else value / world_size
+        reduced.setdefault(block, {})[name] = value / world_size if like.is_floating_point() else value
     return reduced
 
 
@@ -43,6 +42,7 @@ def moe_scalars(layer_stats: LayerStats, prefix: str = "moe") -> dict[str, torch
             if value.dim() == 0:
                 scalars[f"{prefix}/{block}/{name}"] = value.float()
             else:
+                value = value.float()  # counts too
                 # An idle expert makes the ratio infinite; eps keeps the curve plottable.
                 ratio = value.max() / value.min().clamp_min(1e-6)
                 scalars[f"{prefix}/{block}/{name}_max_min_ratio"] = ratio.float()

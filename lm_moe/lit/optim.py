@@ -14,6 +14,7 @@ from lm_moe.argument_checks import (
     require_positive_float,
     require_unit_interval,
 )
+from lm_moe.layers.feed_forward_layer import feed_forward_layers
 
 
 def check_adamw_settings(
@@ -34,10 +35,10 @@ def check_adamw_settings(
 def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices and stacked expert weights only: not on norms, biases, scalar
     scales or embeddings (decaying an embedding pulls rare tokens to zero), nor on the parameters
-    a module names in its `no_weight_decay` attribute (Soft MoE's slot embeddings are normalised
-    before use: decay would only shrink them, and so raise their effective step size)."""
+    an FFN layer names in its `no_weight_decay` (Soft MoE's slot embeddings are normalised before
+    use: decay would only shrink them, and so raise their effective step size)."""
     exempt = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    exempt |= {id(getattr(m, name)) for m in model.modules() for name in getattr(m, "no_weight_decay", ())}
+    exempt |= {id(layer.get_parameter(name)) for layer in feed_forward_layers(model) for name in layer.no_weight_decay}
     decay, no_decay = [], []
     for parameter in model.parameters():
         if not parameter.requires_grad:

@@ -8,7 +8,7 @@ from lm_moe.argument_checks import (
     require_number,
     require_positive_int,
 )
-from lm_moe.layers.mixture_of_tokens import fill_groups, required_batch_multiple
+from lm_moe.layers.batch_groups import fill_groups, required_batch_multiple
 from lm_moe.models.gpt import GPT
 
 

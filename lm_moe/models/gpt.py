@@ -16,7 +16,7 @@ from torch import nn
 
 from lm_moe.layers.attention import KVCache
 from lm_moe.layers.block import BlockCache, TransformerBlock
-from lm_moe.layers.feed_forward_layer import FeedForwardLayer
+from lm_moe.layers.feed_forward_layer import FeedForwardLayer, build_feed_forward_layer
 from lm_moe.argument_checks import require_choice, require_fraction, require_positive_int
 from lm_moe.layers.ffn import ACTIVATIONS, DenseFFN, ExpertWeights, default_hidden_dim
 
@@ -40,7 +40,7 @@ def moe_block_indices(moe_blocks: str, n_layer: int) -> set[int]:
 def require_causal_ffns(blocks: nn.ModuleList) -> None:
     """Refuse FFN layers that declare `is_causal = False`: in a decoder they would see the future."""
     for i, block in enumerate(blocks):
-        if not getattr(block.ffn, "is_causal", True):
+        if not block.ffn.is_causal:
             raise ValueError(
                 f"block {i}'s FFN {type(block.ffn).__name__} is not causal: its outputs depend on later tokens, "
                 "so a language model built with it sees the future. Choose a causal layer (DenseFFN, TopKMoE "
@@ -113,9 +113,9 @@ class GPT(nn.Module):
         self.positions = positions
         self.moe_indices = moe_indices if ffn is not None else set()
 
-        def block_ffn(i: int) -> nn.Module:
+        def block_ffn(i: int) -> FeedForwardLayer:
             if i in self.moe_indices:
-                return ffn(dim)
+                return build_feed_forward_layer(ffn, dim, "ffn")
             return DenseFFN(dim, dense_hidden_dim or default_hidden_dim(dim, dense_activation), dense_activation)
 
         self.wte = nn.Embedding(vocab_size, dim)

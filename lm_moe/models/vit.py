@@ -20,7 +20,7 @@ from torch import nn
 
 from lm_moe.argument_checks import require_choice, require_fraction, require_positive_int
 from lm_moe.layers.encoder_attention import EncoderSelfAttention
-from lm_moe.layers.feed_forward_layer import FeedForwardLayer
+from lm_moe.layers.feed_forward_layer import FeedForwardLayer, build_feed_forward_layer
 from lm_moe.layers.ffn import DenseFFN, ExpertWeights
 from lm_moe.layers.layer_output import LayerAux
 from lm_moe.models.gpt import moe_block_indices
@@ -39,7 +39,7 @@ class ViTOutput:
 class EncoderBlock(nn.Module):
     """Pre-norm transformer encoder block: non-causal self-attention, then the MLP layer."""
 
-    def __init__(self, dim: int, n_head: int, mlp: nn.Module, dropout: float = 0.0):
+    def __init__(self, dim: int, n_head: int, mlp: FeedForwardLayer, dropout: float = 0.0):
         super().__init__()
         self.ln1 = nn.LayerNorm(dim)
         self.attn = EncoderSelfAttention(dim, n_head, dropout=dropout)
@@ -102,9 +102,9 @@ class ViT(nn.Module):
         self.num_patches = (image_size // patch_size) ** 2
         num_tokens = self.num_patches + (pool == "cls")
 
-        def block_mlp(i: int) -> nn.Module:
+        def block_mlp(i: int) -> FeedForwardLayer:
             if i in self.moe_indices:
-                return mlp(dim)
+                return build_feed_forward_layer(mlp, dim, "mlp")
             return DenseFFN(dim, dense_hidden_dim or 4 * dim)
 
         self.patch_embed = nn.Conv2d(channels, dim, kernel_size=patch_size, stride=patch_size)

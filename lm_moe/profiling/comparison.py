@@ -26,7 +26,7 @@ import torch
 
 from lm_moe.causality.checks import Checker, CheckSettings
 from lm_moe.causality.subjects import ModelSubject
-from lm_moe.layers.mixture_of_tokens import required_batch_multiple
+from lm_moe.layers.batch_groups import required_batch_multiple
 from lm_moe.lit.checkpoints import read_checkpoint
 from lm_moe.profiling.inference import measure_decoding, round_up
 from lm_moe.profiling.model_cost import parameter_counts

@@ -40,7 +40,7 @@ DEFINITIONS = (
     "*params active = parameters outside the FFNs + the FFNs' multiply-adds with parameters per token "
     "(FFN MACs/token): all parameters for dense, router + k experts for top-k, and for the Soft MoE variants, "
     "whose tokens mix every expert's output, the per-token cost as a dense-equivalent size "
-    "(lm_moe/profiling/model_cost.py gives the rule per layer). train tokens/s: median of the throughput "
+    "(each layer's parameter_macs_per_token gives its rule). train tokens/s: median of the throughput "
     "logged per step (validation excluded). decode tokens/s: cached greedy decoding on the CPU in fp32 after a "
     "prompt of half the context (setting in results.csv). causality: the leakage checks of "
     "`python -m lm_moe.causality` on the trained model in float64."

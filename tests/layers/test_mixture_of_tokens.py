@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lm_moe.layers import mixture_of_tokens as mot_module
-from lm_moe.layers.mixture_of_tokens import MixtureOfTokens, fill_groups, required_batch_multiple
+from lm_moe.layers.batch_groups import fill_groups, required_batch_multiple
+from lm_moe.layers.mixture_of_tokens import MixtureOfTokens
 
 from . import reference_tokens_segments as reference
 from .layer_checks import assert_matches_reference, decode_in_pieces

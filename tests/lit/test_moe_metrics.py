@@ -27,12 +27,12 @@ def test_idle_experts_are_counted_as_a_fraction():
 
 
 def test_reduction_over_ranks_sums_counts_and_averages_the_rest():
-    stats = {
-        "block_0": {"tokens_per_expert": torch.tensor([1.0, 3.0]), "dropped_fraction": torch.tensor(0.2)},
+    stats = {  # a count is an integer stat
+        "block_0": {"tokens_per_expert": torch.tensor([1, 3]), "dropped_fraction": torch.tensor(0.2)},
         "block_2": {"slot_usage": torch.tensor([0.25, 0.75]), "combine_entropy": torch.tensor(1.0)},
     }
     other_rank = {
-        "block_0": {"tokens_per_expert": torch.tensor([5.0, 7.0]), "dropped_fraction": torch.tensor(0.4)},
+        "block_0": {"tokens_per_expert": torch.tensor([5, 7]), "dropped_fraction": torch.tensor(0.4)},
         "block_2": {"slot_usage": torch.tensor([0.75, 0.25]), "combine_entropy": torch.tensor(3.0)},
     }
     calls = []
@@ -49,3 +49,9 @@ def test_reduction_over_ranks_sums_counts_and_averages_the_rest():
     torch.testing.assert_close(reduced["block_2"]["slot_usage"], torch.tensor([0.5, 0.5]))
     torch.testing.assert_close(reduced["block_2"]["combine_entropy"], torch.tensor(2.0))
     assert reduce_over_ranks(stats, all_reduce_sum, world_size=1) is stats
+
+
+def test_counts_are_logged_as_floats():
+    stats = {"block_0": {"tokens_per_expert": torch.tensor([0, 6, 3])}}
+    assert moe_scalars(stats)["moe/block_0/tokens_per_expert_max_min_ratio"] == pytest.approx(6e6)
+    assert moe_histograms(stats)["moe/block_0/tokens_per_expert"].dtype == torch.float32
