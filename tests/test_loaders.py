@@ -39,7 +39,13 @@ class SigintHandlers(Dataset):
 
 
 def test_loader_workers_leave_ctrl_c_to_the_main_process():
-    loaders = [training_loader(SigintHandlers(), 2, seed=0, num_workers=1), evaluation_loader(SigintHandlers(), 2, 1)]
-    for loader in loaders:
-        assert all(batch.all() for batch in loader)
-    assert signal.getsignal(signal.SIGINT) != signal.SIG_IGN  # the main process still hears it
+    # Ctrl-C handled as in a terminal: a shell that starts pytest in the background ignores SIGINT,
+    # and workers would inherit that whatever the loaders do.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        loaders = [training_loader(SigintHandlers(), 2, seed=0, num_workers=1), evaluation_loader(SigintHandlers(), 2, 1)]
+        for loader in loaders:
+            assert all(batch.all() for batch in loader)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the main process still hears it
+    finally:
+        signal.signal(signal.SIGINT, previous)
