@@ -38,15 +38,13 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from lm_moe.argument_checks import require_positive_float, require_positive_int
-from lm_moe.layers.feed_forward_layer import FeedForwardLayer
-from lm_moe.layers.ffn import ExpertWeights, compute_dtype
+from lm_moe.argument_checks import require_positive_float
+from lm_moe.layers.ffn import ExpertWeights
 from lm_moe.layers.inputs import check_layer_input
 from lm_moe.layers.layer_output import LayerAux, deferred_stats
-from lm_moe.layers.routing import masked_mean
-from lm_moe.layers.soft_moe import combine_stats, soft_routing_logits
+from lm_moe.layers.numerics import clamp_to_tiny, compute_dtype, entropy_from_sums, masked_mean
+from lm_moe.layers.slot_routing import SlotRoutedLayer, combine_stats, combine_weights
 
 # Positions per block of the prefix sums: inside a block they are a [block, block] matmul.
 _BLOCK = 32
@@ -59,19 +57,17 @@ class CumulativeState(NamedTuple):
     den: torch.Tensor  # [B, S]
 
 
-class CumulativeSoftMoE(FeedForwardLayer):
+class CumulativeSoftMoE(SlotRoutedLayer):
     """Causal Soft MoE, every position pooling all S slots over its prefix: x [B, T, D] ->
     (y [B, T, D], LayerAux with zero loss). See the module docstring for the math.
 
     decay: None (plain prefix means) or g in (0, 1): a token of age a weighs g^a.
     `mask` [B, T] (True = real token, padding at the end of rows) keeps padding out of every slot;
     padded positions output 0. aux.stats: dispatch_entropy (of each slot's weights over the prefix,
-    mean over slots and positions), combine_entropy, slot_usage [S] (mean combine weight) and
-    slot_usage_spread (its coefficient of variation: 0 = every slot used equally).
+    mean over slots and positions) and the `combine_stats`.
     """
 
     is_causal = True  # position t pools positions <= t only
-    no_weight_decay = ("slot_embeddings",)  # normalised before use (see adamw_param_groups)
 
     def __init__(
         self,
@@ -82,16 +78,10 @@ class CumulativeSoftMoE(FeedForwardLayer):
         activation: str = "gelu",
         decay: float | None = None,
     ):
-        super().__init__()
-        self.num_experts = require_positive_int("num_experts", num_experts)
-        self.slots_per_expert = require_positive_int("slots_per_expert", slots_per_expert)
         if decay is not None and require_positive_float("decay", decay) >= 1:
             raise ValueError(f"decay must be in (0, 1) or None, got {decay!r}")
+        super().__init__(ExpertWeights(num_experts, dim, hidden_dim, activation), slots_per_expert)
         self.decay = None if decay is None else float(decay)
-        self.num_slots = num_experts * slots_per_expert
-        self.experts = ExpertWeights(num_experts, dim, hidden_dim, activation)
-        self.slot_embeddings = nn.Parameter(torch.randn(dim, self.num_slots) * dim**-0.5)  # phi [D, S]
-        self.scale = nn.Parameter(torch.ones(()))
 
     def parameter_macs_per_token(self) -> float:
         """The slot logits (D*S) and all S slots' expert calls at every position."""
@@ -99,38 +89,27 @@ class CumulativeSoftMoE(FeedForwardLayer):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
         check_layer_input(x, mask, self.experts.dim)
-        logits = soft_routing_logits(x, self.slot_embeddings, self.scale)  # [B, T, S]
-        weights = self._dispatch_weights(logits, mask)  # [B, T, S]
-        combine = logits.softmax(dim=-1)  # [B, T, S]
-        if mask is not None:
-            combine = combine * mask.unsqueeze(-1)
+        logits = self.router_logits(x)  # [B, T, S]
+        weights = self.shifted_weights(logits, mask)  # [B, T, S]
+        combine = combine_weights(logits, mask)  # [B, T, S]
         y = self._experts_and_combine(self._slot_inputs(x, weights, None), combine)
         aux = LayerAux.empty(x)
-        # The shift as it is now: the stats may be read after an optimizer step changed the scale.
-        aux.stats = deferred_stats(self._stats, logits, weights, combine, mask, self.scale.detach().abs())
+        aux.stats = deferred_stats(self._stats, logits, weights, combine, mask, self.logit_shift())
         return y, aux
 
     def decode(self, x: torch.Tensor, state: CumulativeState | None) -> tuple[torch.Tensor, CumulativeState]:
         """The next t >= 1 tokens x [B, t, D] of each sequence, after those summed in `state`
         (None at the start) -> (y [B, t, D], the state after them). Equals `forward` on the whole
         sequence; the state does not grow with its length."""
-        logits = soft_routing_logits(x, self.slot_embeddings, self.scale)  # [B, t, S]
-        weights = self._dispatch_weights(logits, None)  # [B, t, S]
-        y = self._experts_and_combine(self._slot_inputs(x, weights, state), logits.softmax(dim=-1))
+        logits = self.router_logits(x)  # [B, t, S]
+        weights = self.shifted_weights(logits)  # [B, t, S]
+        y = self._experts_and_combine(self._slot_inputs(x, weights, state), combine_weights(logits, None))
         return y, self._advance(state, x, weights)
 
     @property
     def _g(self) -> float:
         """The decay factor per position: 1 without decay."""
         return 1.0 if self.decay is None else self.decay
-
-    def _dispatch_weights(self, logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """w = exp(L - |scale|) [B, T, S], 0 on padding. The shift is a constant that cancels in
-        num / den, so it carries no gradient."""
-        weights = torch.exp(logits - self.scale.detach().abs().to(logits.dtype))  # [B, T, S]
-        if mask is not None:
-            weights = weights * mask.unsqueeze(-1)
-        return weights
 
     def _slot_inputs(self, x: torch.Tensor, weights: torch.Tensor, state: CumulativeState | None) -> torch.Tensor:
         """num / den at every position: x [B, T, D], weights [B, T, S] -> [S, B, K*C, D] in the
@@ -161,9 +140,7 @@ class CumulativeSoftMoE(FeedForwardLayer):
                 since = (g ** (C * blocks)).to(acc)  # [K]
                 num_carry = num_carry + since.view(K, 1, 1) * state.num.unsqueeze(1)  # [B, K, S, D]
                 den_carry = den_carry + since.view(K, 1) * state.den.unsqueeze(1)  # [B, K, S]
-            den = local.sum(-1) + reach * den_carry.unsqueeze(-1)  # [B, K, S, C]
-            # den = 0 only where a slot saw nothing (fully padded row, underflow): input 0, not NaN.
-            den = den.clamp_min(torch.finfo(acc).tiny)
+            den = clamp_to_tiny(local.sum(-1) + reach * den_carry.unsqueeze(-1))  # [B, K, S, C]
             # means = (local @ xb + reach * num_carry) / den as one matmul: the carried sums enter as S
             # extra rows of x, each read by its own slot only, and den divides the small factors.
             own_slot = torch.eye(S, dtype=acc, device=x.device).unsqueeze(1)  # [S, 1, S]
@@ -176,10 +153,8 @@ class CumulativeSoftMoE(FeedForwardLayer):
 
     def _experts_and_combine(self, slot_in: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
         """slot_in [S, B, T', D] (T' >= T), combine [B, T, S] -> y [B, T, D]."""
-        S, B, T_blocks, D = slot_in.shape
-        T = combine.shape[1]
-        expert_in = slot_in.reshape(self.num_experts, self.slots_per_expert * B * T_blocks, D)  # [E, P*B*T', D]
-        slot_out = self.experts.forward_batched(expert_in).view(S, B, T_blocks, D)  # [S, B, T', D]
+        T_blocks, T = slot_in.shape[2], combine.shape[1]
+        slot_out = self.run_experts(slot_in)  # [S, B, T', D]
         combine = F.pad(combine.to(slot_out.dtype), (0, 0, 0, T_blocks - T))  # [B, T', S]
         return torch.einsum("bts,sbtd->btd", combine, slot_out)[:, :T]  # [B, T, D]
 
@@ -211,9 +186,8 @@ class CumulativeSoftMoE(FeedForwardLayer):
         kernel = torch.where(lag >= 0, g ** lag.clamp_min(0), 0.0)  # [T, T] g^(t - tau), tau <= t
         kernel, lag = kernel.to(logits.dtype), lag.to(logits.dtype)
         log_weights = logits - shift.to(logits.dtype)  # [B, T, S]
-        den = (kernel @ weights).clamp_min(torch.finfo(weights.dtype).tiny)  # [B, T, S]
         v_log_v = kernel @ (weights * log_weights) + math.log(g) * ((kernel * lag) @ weights)  # [B, T, S]
-        dispatch_entropy = den.log() - v_log_v / den  # [B, T, S]
+        dispatch_entropy = entropy_from_sums(kernel @ weights, v_log_v)  # [B, T, S]
 
         valid = None if mask is None else mask.reshape(-1)  # [B*T]
         return {

@@ -17,6 +17,7 @@ from lm_moe.argument_checks import require_choice, require_positive_int
 from lm_moe.layers.feed_forward_layer import FeedForwardLayer
 from lm_moe.layers.inputs import check_layer_input
 from lm_moe.layers.layer_output import LayerAux
+from lm_moe.layers.numerics import compute_dtype
 
 ACTIVATIONS = ("gelu", "swiglu")
 
@@ -38,13 +39,6 @@ def default_hidden_dim(dim: int, activation: str) -> int:
     if activation == "swiglu":
         return math.ceil(8 * dim / 3 / 16) * 16
     return 4 * dim
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matmuls on `x` run in: the autocast dtype inside an autocast region, else x's own."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 def _grouped_mm_usable(x: torch.Tensor, widths: tuple[int, ...]) -> bool:

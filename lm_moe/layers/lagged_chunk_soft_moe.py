@@ -40,12 +40,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm_moe.argument_checks import require_choice, require_positive_int
-from lm_moe.layers.feed_forward_layer import FeedForwardLayer
-from lm_moe.layers.ffn import ExpertWeights, compute_dtype
+from lm_moe.layers.ffn import ExpertWeights
 from lm_moe.layers.inputs import check_layer_input
 from lm_moe.layers.layer_output import LayerAux, deferred_stats
-from lm_moe.layers.routing import masked_mean
-from lm_moe.layers.soft_moe import combine_stats, soft_routing_logits
+from lm_moe.layers.numerics import clamp_to_tiny, compute_dtype, entropy_from_sums, masked_mean
+from lm_moe.layers.slot_routing import SlotRoutedLayer, combine_stats, combine_weights
 
 SUMMARIES = ("prefix", "previous")
 
@@ -59,7 +58,7 @@ class LaggedChunkState(NamedTuple):
     lagged_outputs: torch.Tensor  # [B, S, D] O of the previous chunk: what the current chunk combines
 
 
-class LaggedChunkSoftMoE(FeedForwardLayer):
+class LaggedChunkSoftMoE(SlotRoutedLayer):
     """Causal Soft MoE with per-chunk slots read one chunk later, plus a dense shared expert:
     x [B, T, D] -> (y [B, T, D], LayerAux with zero loss). See the module docstring for the math.
 
@@ -68,13 +67,11 @@ class LaggedChunkSoftMoE(FeedForwardLayer):
     shared_hidden_dim: hidden width of the shared expert (None = hidden_dim).
     `mask` [B, T] (True = real token, padding at the end of rows) keeps padding out of every slot;
     padded positions output 0. aux.stats: dispatch_entropy (of each slot's weights over its pooled
-    tokens, mean over the summaries some token reads), combine_entropy, slot_usage [S] (mean combine
-    weight) and slot_usage_spread (its coefficient of variation: 0 = every slot used equally).
+    tokens, mean over the summaries some token reads) and the `combine_stats`.
     """
 
     is_causal = True  # chunk k reads summaries of chunks < k only
-    # Slot embeddings are normalised before use (see adamw_param_groups); the null outputs are a bias.
-    no_weight_decay = ("slot_embeddings", "null_outputs")
+    no_weight_decay = (*SlotRoutedLayer.no_weight_decay, "null_outputs")  # the null outputs are a bias
 
     def __init__(
         self,
@@ -87,20 +84,18 @@ class LaggedChunkSoftMoE(FeedForwardLayer):
         shared_hidden_dim: int | None = None,
         activation: str = "gelu",
     ):
-        super().__init__()
-        self.num_experts = require_positive_int("num_experts", num_experts)
-        self.slots_per_expert = require_positive_int("slots_per_expert", slots_per_expert)
-        self.chunk_size = require_positive_int("chunk_size", chunk_size)
+        chunk_size = require_positive_int("chunk_size", chunk_size)
         require_choice("summary", summary, SUMMARIES)
-        self.summary = summary
         if shared_hidden_dim is None:
             shared_hidden_dim = hidden_dim
         require_positive_int("shared_hidden_dim", shared_hidden_dim)
-        self.num_slots = num_experts * slots_per_expert
-        self.experts = ExpertWeights(num_experts, dim, hidden_dim, activation)
-        self.shared = ExpertWeights(1, dim, shared_hidden_dim, activation)
-        self.slot_embeddings = nn.Parameter(torch.randn(dim, self.num_slots) * dim**-0.5)  # phi [D, S]
-        self.scale = nn.Parameter(torch.ones(()))
+        experts = ExpertWeights(num_experts, dim, hidden_dim, activation)
+        # Built before the slots, as the experts are: the order fixes what a seed draws for each.
+        shared = ExpertWeights(1, dim, shared_hidden_dim, activation)
+        super().__init__(experts, slots_per_expert)
+        self.chunk_size = chunk_size
+        self.summary = summary
+        self.shared = shared
         self.null_outputs = nn.Parameter(torch.zeros(self.num_slots, dim))  # what chunk 0 reads
 
     @property
@@ -119,10 +114,8 @@ class LaggedChunkSoftMoE(FeedForwardLayer):
         K = math.ceil(T / C)
         pad = K * C - T
         dtype = compute_dtype(x)
-        logits = soft_routing_logits(x, self.slot_embeddings, self.scale)  # [B, T, S]
-        weights = self._dispatch_weights(logits)  # [B, T, S]
-        if mask is not None:
-            weights = weights * mask.unsqueeze(-1)
+        logits = self.router_logits(x)  # [B, T, S]
+        weights = self.shifted_weights(logits, mask)  # [B, T, S]
 
         with torch.autocast(device_type=x.device.type, enabled=False):
             chunk_weights = F.pad(weights, (0, 0, 0, pad)).view(B, K, C, S)  # [B, K, C, S]
@@ -136,15 +129,14 @@ class LaggedChunkSoftMoE(FeedForwardLayer):
         null = self.null_outputs.to(dtype).expand(B, 1, S, D)  # [B, 1, S, D]
         lagged = torch.cat([null, outputs], dim=1)  # [B, K, S, D]
 
-        combine = logits.softmax(dim=-1)  # [B, T, S]
+        combine = combine_weights(logits, None)  # [B, T, S]; padding is zeroed in y
         chunk_combine = F.pad(combine.to(dtype), (0, 0, 0, pad)).view(B, K, C, S)  # [B, K, C, S]
         routed = (chunk_combine @ lagged).view(B, K * C, D)[:, :T]  # [B, T, D]
         y = self._shared(x) + routed  # [B, T, D]
         if mask is not None:
             y = y * mask.unsqueeze(-1)
         aux = LayerAux.empty(x)
-        # The shift as it is now: the stats may be read after an optimizer step changed the scale.
-        aux.stats = deferred_stats(self._stats, logits, weights, combine, mask, self.scale.detach().abs())
+        aux.stats = deferred_stats(self._stats, logits, weights, combine, mask, self.logit_shift())
         return y, aux
 
     def decode(self, x: torch.Tensor, state: LaggedChunkState | None) -> tuple[torch.Tensor, LaggedChunkState]:
@@ -153,9 +145,9 @@ class LaggedChunkSoftMoE(FeedForwardLayer):
         `forward` on the whole sequence. Loops over the chunks these tokens touch."""
         B, T, D = x.shape
         dtype = compute_dtype(x)
-        logits = soft_routing_logits(x, self.slot_embeddings, self.scale)  # [B, t, S]
-        weights = self._dispatch_weights(logits)  # [B, t, S]
-        combine = logits.softmax(dim=-1).to(dtype)  # [B, t, S]
+        logits = self.router_logits(x)  # [B, t, S]
+        weights = self.shifted_weights(logits)  # [B, t, S]
+        combine = combine_weights(logits, None).to(dtype)  # [B, t, S]
         if state is None:
             state = LaggedChunkState(
                 0,
@@ -183,20 +175,11 @@ class LaggedChunkSoftMoE(FeedForwardLayer):
             start = stop
         return self._shared(x) + torch.cat(routed, dim=1), state
 
-    def _dispatch_weights(self, logits: torch.Tensor) -> torch.Tensor:
-        """w = exp(L - |scale|) [B, T, S]. The shift is a constant that cancels in the slot
-        inputs, so it carries no gradient."""
-        return torch.exp(logits - self.scale.detach().abs().to(logits.dtype))
-
     def _slot_outputs(self, num: torch.Tensor, den: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Summaries num [B, n, S, D], den [B, n, S] -> expert outputs O [B, n, S, D], all experts
         in one batched matmul."""
-        B, n, S, D = num.shape
-        E, P = self.num_experts, self.slots_per_expert
-        # den = 0 only where a slot saw nothing (fully padded row, underflow): input 0, not NaN.
-        slot_in = num / den.clamp_min(torch.finfo(den.dtype).tiny).unsqueeze(-1)  # [B, n, S, D]
-        expert_in = slot_in.to(dtype).permute(2, 0, 1, 3).reshape(E, P * B * n, D)  # [E, P*B*n, D]
-        return self.experts.forward_batched(expert_in).view(S, B, n, D).permute(1, 2, 0, 3)  # [B, n, S, D]
+        slot_in = num / clamp_to_tiny(den).unsqueeze(-1)  # [B, n, S, D]
+        return self.run_experts(slot_in.to(dtype).permute(2, 0, 1, 3)).permute(1, 2, 0, 3)  # [B, n, S, D]
 
     def _shared(self, x: torch.Tensor) -> torch.Tensor:
         """The dense shared expert on every token: x [B, T, D] -> [B, T, D]."""
@@ -220,8 +203,7 @@ class LaggedChunkSoftMoE(FeedForwardLayer):
         tilted = F.pad(weights * log_weights, (0, 0, 0, pad)).view(B, K, C, S).sum(dim=2)  # [B, K, S]
         if self.summary == "prefix":
             den, tilted = den.cumsum(dim=1), tilted.cumsum(dim=1)
-        den = den[:, :-1].clamp_min(torch.finfo(den.dtype).tiny)  # [B, K-1, S]
-        dispatch_entropy = den.log() - tilted[:, :-1] / den  # [B, K-1, S]
+        dispatch_entropy = entropy_from_sums(den[:, :-1], tilted[:, :-1])  # [B, K-1, S]
         read = torch.ones(B, K - 1, dtype=torch.bool, device=logits.device) if mask is None else mask[:, C::C]
 
         valid = None if mask is None else mask.reshape(-1)  # [B*T]

@@ -13,7 +13,7 @@ position t the G tokens at t of a group are the "sequence" that Soft MoE mixes:
     slot_out[t]  = expert_{s // P}(slot_in[t][s])
     y[g, t]      = sum_s combine[g, t, s] slot_out[t][s]
 
-The logits are those of SoftMoE (L2-normalised, one learned scale, fp32 or wider). Position t only
+The logits, dispatch and combine are the Soft MoE family's (`slot_routing`). Position t only
 mixes tokens at position t, so every sequence is causal; but a row's output depends on its
 batch-mates at the same position: the layer is NOT per-example deterministic. Hence the data
 loader must never put overlapping windows of one text in a group: a batch-mate whose position t
@@ -33,28 +33,24 @@ positions); the G sequences of a group decode in lock-step (the batch a multiple
 """
 
 import torch
-from torch import nn
 
 from lm_moe.argument_checks import require_positive_int
-from lm_moe.layers.feed_forward_layer import FeedForwardLayer
-from lm_moe.layers.ffn import ExpertWeights, compute_dtype
+from lm_moe.layers.ffn import ExpertWeights
 from lm_moe.layers.inputs import check_layer_input
 from lm_moe.layers.layer_output import LayerAux, deferred_stats
-from lm_moe.layers.routing import entropy, masked_mean
-from lm_moe.layers.soft_moe import combine_stats, soft_routing_logits
+from lm_moe.layers.numerics import compute_dtype, entropy, masked_mean
+from lm_moe.layers.slot_routing import SlotRoutedLayer, combine_stats, combine_weights, softmax_dispatch
 
 
-class MixtureOfTokens(FeedForwardLayer):
+class MixtureOfTokens(SlotRoutedLayer):
     """Mixture of Tokens layer: x [B, T, D] -> (y [B, T, D], LayerAux with zero loss), B a
     multiple of `group_size`.
 
-    aux.stats: dispatch_entropy (per slot, over the group; ln G = uniform), combine_entropy (per
-    token, over slots; ln S = uniform), slot_usage [S] (mean combine weight of each slot) and
-    slot_usage_spread (its coefficient of variation: 0 = every slot used equally).
+    aux.stats: dispatch_entropy (per slot, over the group; ln G = uniform) and the
+    `combine_stats` (combine_entropy: ln S = uniform).
     """
 
     is_causal = True  # position t mixes only tokens at position t
-    no_weight_decay = ("slot_embeddings",)  # normalised before use (see adamw_param_groups)
     per_example_deterministic = False  # ... of the other rows of its group
 
     def __init__(
@@ -66,38 +62,24 @@ class MixtureOfTokens(FeedForwardLayer):
         group_size: int = 4,
         activation: str = "gelu",
     ):
-        super().__init__()
-        self.num_experts = require_positive_int("num_experts", num_experts)
-        self.slots_per_expert = require_positive_int("slots_per_expert", slots_per_expert)
-        self.group_size = require_positive_int("group_size", group_size)
-        self.num_slots = num_experts * slots_per_expert
-        self.experts = ExpertWeights(num_experts, dim, hidden_dim, activation)
-        self.slot_embeddings = nn.Parameter(torch.randn(dim, self.num_slots) * dim**-0.5)  # phi [D, S]
-        self.scale = nn.Parameter(torch.ones(()))
+        group_size = require_positive_int("group_size", group_size)
+        super().__init__(ExpertWeights(num_experts, dim, hidden_dim, activation), slots_per_expert)
+        self.group_size = group_size
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
         check_layer_input(x, mask, self.experts.dim)
         B, T, D = x.shape
-        G, E, P, S = self.group_size, self.num_experts, self.slots_per_expert, self.num_slots
+        G = self.group_size
         n = self._num_groups(B)
         grouped = x.reshape(n, G, T, D)  # [n, G, T, D]
-        logits = soft_routing_logits(grouped, self.slot_embeddings, self.scale)  # [n, G, T, S]
-        combine = logits.softmax(dim=3)  # [n, G, T, S]
-        if mask is None:
-            valid = None
-            dispatch = logits.softmax(dim=1)  # [n, G, T, S]
-        else:
-            valid = mask.reshape(n, G, T, 1)  # [n, G, T, 1]
-            # A large finite negative (not -inf) keeps fully padded group positions free of NaN.
-            dispatch_logits = logits.masked_fill(~valid, torch.finfo(logits.dtype).min)
-            dispatch = dispatch_logits.softmax(dim=1) * valid  # [n, G, T, S]
-            combine = combine * valid
+        valid = None if mask is None else mask.reshape(n, G, T)  # [n, G, T]
+        logits = self.router_logits(grouped)  # [n, G, T, S]
+        _, dispatch = softmax_dispatch(logits, valid, dim=1)  # [n, G, T, S], over the group
+        combine = combine_weights(logits, valid)  # [n, G, T, S]
 
         dtype = compute_dtype(x)
         slot_in = torch.einsum("ngts,ngtd->sntd", dispatch.to(dtype), grouped.to(dtype))  # [S, n, T, D]
-        # Slot s = e*P + p, so the slots of expert e are P consecutive [n, T, D] blocks.
-        expert_out = self.experts.forward_batched(slot_in.reshape(E, P * n * T, D))  # [E, P*n*T, D]
-        slot_out = expert_out.view(S, n, T, D)  # [S, n, T, D]
+        slot_out = self.run_experts(slot_in)  # [S, n, T, D]
         y = torch.einsum("ngts,sntd->ngtd", combine.to(slot_out.dtype), slot_out)  # [n, G, T, D]
         aux = LayerAux.empty(x)
         aux.stats = deferred_stats(self._stats, logits, dispatch, combine, valid)

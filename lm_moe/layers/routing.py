@@ -12,19 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-
-def routing_dtype(x: torch.Tensor) -> torch.dtype:
-    """fp32 for low-precision inputs, float64 kept as is (reference tests compare in float64)."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def masked_mean(values: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Mean of `values` [N, ...] over the rows where `valid` [N] is True (all rows if None)."""
-    if valid is None:
-        return values.mean(0)
-    weights = valid.to(values.dtype).reshape(-1, *([1] * (values.dim() - 1)))  # [N, 1, ...]
-    return (values * weights).sum(0) / weights.sum().clamp_min(1)
-
+from lm_moe.layers.numerics import entropy, masked_mean, routing_dtype
 
 ROUTER_INIT_STD = 0.02
 
@@ -118,24 +106,6 @@ def choice_share(
 def router_z_loss(routing: TopKRouting, valid: torch.Tensor | None = None) -> torch.Tensor:
     """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2; keeps router logits small."""
     return masked_mean(torch.logsumexp(routing.logits, dim=-1) ** 2, valid)
-
-
-def entropy(probs: torch.Tensor, dim: int) -> torch.Tensor:
-    """Entropy in nats of the distributions along `dim` (0 log 0 = 0), in one fused pass."""
-    return torch.special.entr(probs).sum(dim=dim)
-
-
-def softmax_entropy(probs: torch.Tensor, logits: torch.Tensor, dim: int) -> torch.Tensor:
-    """Entropy in nats along `dim` of `probs`, the softmax of `logits` over the entries where
-    `probs` > 0. Entries a caller zeroed (padding) must have a logit no larger than the kept ones,
-    such as the finite fill value of a masked softmax; an all-zero row scores 0.
-
-    H = logsumexp(L) - sum p L, and logsumexp(L) = max L - log max p (softmax keeps the order).
-    Two max-reductions and a dot product: no log per element, unlike `entropy`, and no arg-max.
-    """
-    top = probs.amax(dim=dim)
-    log_normalizer = logits.amax(dim=dim) - top.log()
-    return torch.where(top > 0, log_normalizer - torch.linalg.vecdot(probs, logits, dim=dim), 0)
 
 
 def router_entropy(routing: TopKRouting, valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -43,10 +43,10 @@ from torch import nn
 
 from lm_moe.argument_checks import require_choice, require_positive_int
 from lm_moe.layers.feed_forward_layer import FeedForwardLayer
-from lm_moe.layers.ffn import ExpertWeights, compute_dtype
+from lm_moe.layers.ffn import ExpertWeights
 from lm_moe.layers.inputs import check_layer_input
 from lm_moe.layers.layer_output import LayerAux, deferred_stats
-from lm_moe.layers.routing import entropy, masked_mean, routing_dtype
+from lm_moe.layers.numerics import coefficient_of_variation, compute_dtype, entropy, masked_mean, routing_dtype
 
 FIRST_SEGMENT_MODES = ("prior", "self")
 
@@ -225,5 +225,5 @@ class SegmentMergedMoE(FeedForwardLayer):
         return {
             "routing_entropy": masked_mean(entropy(flat, dim=-1), routed).float(),
             "expert_weights": expert_weights.float(),
-            "expert_weight_spread": (expert_weights.std(correction=0) / expert_weights.mean()).float(),
+            "expert_weight_spread": coefficient_of_variation(expert_weights).float(),
         }

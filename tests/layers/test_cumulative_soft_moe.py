@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lm_moe.layers import cumulative_soft_moe as cumulative_module
+from lm_moe.layers import slot_routing
 from lm_moe.layers.cumulative_soft_moe import CumulativeSoftMoE
 
 from . import reference_causal_soft_moe as reference
@@ -146,7 +146,7 @@ def test_dispatch_entropy_with_decay_matches_the_explicit_dispatch():
 @pytest.mark.parametrize("decay", [None, 0.9])
 def test_bf16_autocast_keeps_routing_and_sums_in_fp32(monkeypatch, decay):
     layer = CumulativeSoftMoE(16, 32, 4, slots_per_expert=2, decay=decay)
-    seen = record_dtypes(monkeypatch, cumulative_module, "soft_routing_logits")
+    seen = record_dtypes(monkeypatch, slot_routing, "slot_logits")
     x = torch.randn(2, 40, 16)
     check_bf16_training_step(layer, x, layer.slot_embeddings)
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lm_moe.layers import lagged_chunk_soft_moe as lagged_module
+from lm_moe.layers import slot_routing
 from lm_moe.layers.lagged_chunk_soft_moe import LaggedChunkSoftMoE
 
 from . import reference_causal_soft_moe as reference
@@ -165,7 +165,7 @@ def test_stats_describe_the_routing(summary, chunk_entropies):
 @pytest.mark.parametrize("summary", ["prefix", "previous"])
 def test_bf16_autocast_keeps_routing_and_sums_in_fp32(monkeypatch, summary):
     layer = LaggedChunkSoftMoE(16, 32, 4, slots_per_expert=2, chunk_size=4, summary=summary)
-    seen = record_dtypes(monkeypatch, lagged_module, "soft_routing_logits")
+    seen = record_dtypes(monkeypatch, slot_routing, "slot_logits")
     x = torch.randn(2, 18, 16)
     with torch.no_grad():
         layer.null_outputs.normal_()

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lm_moe.layers import mixture_of_tokens as mot_module
+from lm_moe.layers import slot_routing
 from lm_moe.layers.batch_groups import fill_groups, required_batch_multiple
 from lm_moe.layers.mixture_of_tokens import MixtureOfTokens
 
@@ -152,7 +152,7 @@ def test_stats_describe_the_routing():
 
 def test_bf16_autocast_keeps_router_in_fp32(monkeypatch):
     layer = MixtureOfTokens(16, 32, 4, slots_per_expert=2, group_size=2)
-    seen = record_dtypes(monkeypatch, mot_module, "soft_routing_logits")
+    seen = record_dtypes(monkeypatch, slot_routing, "slot_logits")
     check_bf16_training_step(layer, torch.randn(4, 8, 16), layer.slot_embeddings)
     assert seen == [torch.float32] * 2  # forward and the fp32 reference forward
 

@@ -2,9 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lm_moe.layers import SoftMoE
-from lm_moe.layers import soft_moe as soft_moe_module
-from lm_moe.layers.routing import entropy
+from lm_moe.layers import SoftMoE, slot_routing
+from lm_moe.layers.numerics import entropy
 
 from . import reference
 from .layer_checks import assert_ignores_batch_mates, assert_matches_reference, assert_padding_left_out
@@ -101,7 +100,7 @@ def test_entropy_stats_equal_those_of_the_paper_softmaxes_with_padding():
 
 def test_bf16_autocast_keeps_router_in_fp32(monkeypatch):
     layer = SoftMoE(16, 32, 4, slots_per_expert=2)
-    seen = record_dtypes(monkeypatch, soft_moe_module, "soft_routing_logits")
+    seen = record_dtypes(monkeypatch, slot_routing, "slot_logits")
     check_bf16_training_step(layer, torch.randn(2, 8, 16), layer.slot_embeddings)
     assert seen == [torch.float32] * 2  # forward and the fp32 reference forward
 

@@ -4,16 +4,15 @@ import pytest
 import torch
 
 from lm_moe.layers import TopKMoE
+from lm_moe.layers.numerics import entropy, softmax_entropy
 from lm_moe.layers.routing import (
     TopKRouting,
-    entropy,
     gshard_keep,
     prefix_capacity,
     load_balancing_loss,
     position_priority_keep,
     router_entropy,
     router_z_loss,
-    softmax_entropy,
 )
 
 from . import reference
