@@ -15,7 +15,7 @@ from lm_moe.causality import report
 from lm_moe.layers import FeedForwardLayer
 from lm_moe.lit.trained_model import load_trained_module
 
-from .lit.test_language_model_cli import scalars, tiny_args
+from .lit.lm_runs import scalars, tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = "docs/examples"  # as the page's commands name it, from the repository root

@@ -1,5 +1,5 @@
-"""Checks that the tests of several layers share: agreement with a reference, decoding in pieces,
-batch-mates and padding. Layers run in float64, so the tolerances are tight."""
+"""Checks that the tests of several layers share: agreement with a reference and decoding in
+pieces. Layers run in float64, so the tolerances are tight."""
 
 import torch
 
@@ -26,34 +26,3 @@ def decode_in_pieces(layer, x: torch.Tensor, pieces: list[int]) -> tuple[torch.T
             states.append(state)
             start += length
     return torch.cat(outputs, dim=1), states
-
-
-def assert_ignores_batch_mates(layer, x: torch.Tensor) -> None:
-    """Every row of x [B, T, D] gives the output it gives alone, and again beside loud strangers."""
-    in_batch, _ = layer(x)
-    for row in range(x.shape[0]):
-        alone, _ = layer(x[row : row + 1])
-        torch.testing.assert_close(in_batch[row : row + 1], alone, rtol=0, atol=1e-13)
-    beside_strangers, _ = layer(torch.cat([10 * torch.randn_like(x), x]))
-    torch.testing.assert_close(beside_strangers[x.shape[0] :], in_batch, rtol=0, atol=1e-13)
-
-
-def assert_padding_left_out(layer, x: torch.Tensor, valid_length: int) -> None:
-    """Mask x [B, T, D] (B >= 2): row 0 is real up to `valid_length`, the last row all padding.
-
-    Row 0's real outputs are those of its real tokens alone, every padded output is 0 and every
-    statistic finite (a fully padded row must not give NaN); a causal layer's real outputs are
-    also those it gives without the mask.
-    """
-    B, T, _ = x.shape
-    mask = torch.ones(B, T, dtype=torch.bool)
-    mask[0, valid_length:] = False
-    mask[-1] = False
-    y, aux = layer(x, mask)
-    short, _ = layer(x[:1, :valid_length])
-    torch.testing.assert_close(y[:1, :valid_length], short, rtol=0, atol=1e-12)
-    if layer.is_causal:
-        unmasked, _ = layer(x)
-        torch.testing.assert_close(y[mask], unmasked[mask], rtol=0, atol=1e-12)
-    assert y[~mask].abs().max() == 0
-    assert all(torch.isfinite(value).all() for value in aux.stats.values())

@@ -3,25 +3,11 @@
 import pytest
 import torch
 
-from lm_moe.layers import (
-    CumulativeSoftMoE,
-    LaggedChunkSoftMoE,
-    MixtureOfTokens,
-    SegmentMergedMoE,
-    SoftMoE,
-    TopKMoE,
-)
 from lm_moe.layers.layer_output import DeferredStats, deferred_stats
 
-DIM = 8
-LAYERS = {
-    "top2": lambda: TopKMoE(DIM, 12, 4, top_k=2),
-    "soft": lambda: SoftMoE(DIM, 12, 3, slots_per_expert=2),
-    "cumulative": lambda: CumulativeSoftMoE(DIM, 12, 3, slots_per_expert=2, decay=0.8),
-    "lagged_chunk": lambda: LaggedChunkSoftMoE(DIM, 12, 3, slots_per_expert=2, chunk_size=4),
-    "tokens": lambda: MixtureOfTokens(DIM, 12, 3, group_size=2),
-    "segments": lambda: SegmentMergedMoE(DIM, 12, 3, segment_size=4),
-}
+from .layer_registry import DIM, LAYERS, variant_params
+
+WITH_STATS = variant_params(lambda layer: hasattr(layer, "_stats"))  # every variant of the MoE layers
 
 
 def test_computed_once_on_first_read_without_gradients():
@@ -40,10 +26,10 @@ def test_computed_once_on_first_read_without_gradients():
     assert not stats["mean"].requires_grad
 
 
-@pytest.mark.parametrize("name", LAYERS)
-def test_layer_stats_are_deferred(name, monkeypatch):
+@pytest.mark.parametrize("name, overrides", WITH_STATS)
+def test_layer_stats_are_deferred(name, overrides, monkeypatch):
     torch.manual_seed(0)
-    layer = LAYERS[name]()
+    layer = LAYERS[name].build(torch.float32, **overrides)
     calls = []
     compute = layer._stats
     monkeypatch.setattr(layer, "_stats", lambda *args: calls.append(1) or compute(*args))
@@ -54,10 +40,10 @@ def test_layer_stats_are_deferred(name, monkeypatch):
     assert calls == [1]
 
 
-@pytest.mark.parametrize("name", LAYERS)
-def test_stats_read_after_an_optimizer_step_describe_the_forward(name):
+@pytest.mark.parametrize("name, overrides", WITH_STATS)
+def test_stats_read_after_an_optimizer_step_describe_the_forward(name, overrides):
     torch.manual_seed(0)
-    layer = LAYERS[name]()
+    layer = LAYERS[name].build(torch.float32, **overrides)
     x = torch.randn(2, 8, DIM)
     _, read_at_once = layer(x)
     read_at_once = {key: value.clone() for key, value in read_at_once.stats.items()}

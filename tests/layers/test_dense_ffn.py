@@ -78,17 +78,3 @@ def test_every_expert_weight_gets_a_gradient_tensor():
     experts.forward_grouped(torch.randn(4, 4), torch.tensor([4, 0, 0])).sum().backward()
     assert experts.w_in.grad is not None and experts.w_in.grad[1:].abs().sum() == 0
     assert experts.w_in.grad[0].abs().sum() > 0
-
-
-@pytest.mark.parametrize(
-    "kwargs, name",
-    [
-        (dict(dim=0, hidden_dim=4), "dim"),
-        (dict(dim=4, hidden_dim=-1), "hidden_dim"),
-        (dict(dim=4, hidden_dim=4, activation="relu"), "activation"),
-        (dict(dim=4.5, hidden_dim=4), "dim"),
-    ],
-)
-def test_bad_arguments_name_the_argument(kwargs, name):
-    with pytest.raises(ValueError, match=name):
-        DenseFFN(**kwargs)

@@ -1,5 +1,6 @@
-"""The layer contract (`FeedForwardLayer`): the defaults a layer gets by implementing forward alone,
-and what each built-in layer declares to the leakage suite, the data code, the logs and the costs."""
+"""The layer contract's base class (`FeedForwardLayer`): the defaults a layer gets by implementing
+forward alone, the models' refusal of anything else, and what a model of several layers needs.
+What each built-in layer declares: test_layer_contract.py."""
 
 import pytest
 import torch
@@ -34,6 +35,14 @@ def test_a_layer_with_only_forward_gets_the_per_token_defaults():
         layer.parameter_macs_per_token()
 
 
+def test_a_layer_without_forward_says_what_it_lacks():
+    class Incomplete(layers.FeedForwardLayer):
+        pass
+
+    with pytest.raises(NotImplementedError, match=r"Incomplete must define forward\(x, mask=None\) -> \(y, LayerAux\)"):
+        Incomplete()(torch.randn(1, 2, 8))
+
+
 def test_the_default_decode_is_forward_on_the_new_tokens_and_keeps_no_state():
     torch.manual_seed(0)
     layer = PerTokenTanh(4).double()
@@ -63,49 +72,6 @@ def test_a_gpt_of_a_forward_only_layer_decodes_with_the_default():
 def test_the_models_refuse_a_layer_outside_the_contract(build):
     with pytest.raises(ValueError, match=r"\(dim\) must build a FeedForwardLayer, got Linear"):
         build(lambda dim: torch.nn.Linear(dim, dim))
-
-
-# Each built-in layer, the structure lengths and batch multiple it declares, its stats that are
-# counts (summed over data-parallel ranks), and its parameter multiply-adds per token (D=8, H=16,
-# E=4: one expert has 2*8*16 = 256 parameters, the slot embeddings or router 32).
-BUILT_IN = {
-    "dense": (lambda: layers.DenseFFN(8, 16), (), 1, set(), 256),
-    "top2": (lambda: layers.TopKMoE(8, 16, 4), (), 1, {"tokens_per_expert"}, 32 + 2 * 256),
-    "soft_moe": (lambda: layers.SoftMoE(8, 16, 4), (), 1, set(), None),
-    "cumulative": (lambda: layers.CumulativeSoftMoE(8, 16, 4), (), 1, set(), 32 + 4 * 256),
-    "lagged_chunk": (lambda: layers.LaggedChunkSoftMoE(8, 16, 4, chunk_size=5), (5,), 1, set(),
-                     32 + 256 + 4 / 5 * 256),
-    "mixture_of_tokens": (lambda: layers.MixtureOfTokens(8, 16, 4, group_size=3), (), 3, set(), 32 + 4 / 3 * 256),
-    "segment_merged": (lambda: layers.SegmentMergedMoE(8, 16, 4, segment_size=6), (6,), 1, set(),
-                       32 / 6 + 256 + 4 * 256 / 6),
-}
-
-
-@pytest.mark.parametrize("name", BUILT_IN)
-def test_built_in_layers_declare_their_structure_and_batch_multiple(name):
-    make, lengths, multiple, _, _ = BUILT_IN[name]
-    layer = make()
-    assert layer.structure_lengths == lengths and layer.batch_multiple == multiple
-    subject = LayerSubject(layer, 8)  # what the leakage suite probes
-    assert subject.boundaries == set(lengths) and subject.batch_multiple == multiple
-
-
-@pytest.mark.parametrize("name", BUILT_IN)
-def test_built_in_layers_declare_their_counts_by_an_integer_dtype(name):
-    make, _, multiple, counts, _ = BUILT_IN[name]
-    _, aux = make()(torch.randn(multiple, 6, 8))
-    assert {key for key, value in aux.stats.items() if not value.is_floating_point()} == counts
-
-
-@pytest.mark.parametrize("name", BUILT_IN)
-def test_built_in_layers_declare_their_cost(name):
-    make, _, _, _, macs = BUILT_IN[name]
-    layer = make()
-    if macs is None:  # S expert calls per sequence: a per-token cost that depends on T
-        with pytest.raises(NotImplementedError):
-            layer.parameter_macs_per_token()
-    else:
-        assert layer.parameter_macs_per_token() == pytest.approx(macs)
 
 
 def test_a_model_needs_the_union_of_its_layers_lengths_and_the_lcm_of_their_multiples():

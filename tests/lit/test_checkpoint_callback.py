@@ -9,7 +9,7 @@ import yaml
 from lm_moe import cli
 from lm_moe.lit.checkpoints import read_checkpoint
 
-from .test_language_model_cli import REPO, tiny_args
+from .lm_runs import REPO, tiny_args
 from .tiny_runs import LastCheckpointSteps
 
 RECORD_LAST = "--trainer.callbacks+=tests.lit.tiny_runs.LastCheckpointSteps"

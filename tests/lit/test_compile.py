@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from lm_moe import cli
 
-from .test_language_model_cli import REPO
+from .lm_runs import REPO
 
 TINY = ["--model.n_layer=1", "--model.dim=32", "--model.n_head=2", "--model.dense_hidden_dim=64",
         "--data.max_documents=40", "--data.vocab_size=512", "--data.block_size=32", "--data.batch_size=4",

@@ -19,7 +19,7 @@ from lm_moe import cli
 from lm_moe.lit.checkpoints import read_checkpoint
 from lm_moe.lit.safe_loading import foreign_callables
 
-from .test_language_model_cli import tiny_args
+from .lm_runs import tiny_args
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,31 +10,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lm_moe import cli
 from lm_moe.layers import SoftMoE
 
-from .tiny_runs import tiny_run_args
+from .tiny_runs import REPO
+from .vit_runs import QUICK_TRAINER, fit, tiny_args
 
-REPO = Path(__file__).resolve().parents[2]
 VIT_CONFIGS = sorted((REPO / "configs" / "vit").glob("*.yaml"))
-QUICK_TRAINER = REPO / "configs" / "trainer" / "cpu_quick_vit.yaml"
-
-
-def tiny_args(cache_dir: Path, steps: int = 4) -> list[str]:
-    """Overrides that shrink any ViT config to a seconds-long run on the offline default data
-    (the MoE layers keep their configured experts and slots)."""
-    return [
-        "-c", str(QUICK_TRAINER),
-        "--model.depth=2",
-        "--model.dim=32",
-        "--model.n_head=2",
-        "--model.patch_size=7",
-        "--model.dense_hidden_dim=64",
-        "--model.warmup_steps=2",
-        "--data.batch_size=32",
-        *tiny_run_args(cache_dir, steps),
-    ]
-
-
-def fit(config: Path, cache_dir: Path, *extra: str, steps: int = 4):
-    return cli.main(["fit", "-c", str(config), *tiny_args(cache_dir, steps), *extra])
 
 
 def build(config: Path, cache_dir: Path, *extra: str):

@@ -8,9 +8,8 @@ import torch
 
 from lm_moe import cli
 
-from .test_image_classifier_cli import REPO
-from .test_image_classifier_cli import tiny_args as tiny_vit_args
-from .test_language_model_cli import LM_CONFIGS, tiny_args
+from .lm_runs import LM_CONFIGS, REPO, tiny_args
+from .vit_runs import tiny_args as tiny_vit_args
 
 # bf16 keeps 8 bits of mantissa: per-step losses (about 6 nats here) may differ in the third digit.
 LOSS_TOLERANCE = 0.05

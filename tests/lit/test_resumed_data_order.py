@@ -8,7 +8,7 @@ import pytest
 
 from lm_moe import cli
 
-from .test_language_model_cli import REPO, tiny_args
+from .lm_runs import REPO, tiny_args
 from .tiny_runs import BatchFingerprints
 
 STEPS = 14  # about three epochs of the tiny corpus

@@ -1,18 +1,14 @@
 """What a run shows and leaves: the progress bar counts optimizer steps (also after a resume), the
 seed is 0 unless a config sets one, and a run refused before its first batch leaves no run folder."""
 
-from pathlib import Path
-
 import pytest
 import yaml
 
 from lm_moe import cli
 from lm_moe.lit.progress_bar import StepProgressBar
 
-from . import test_language_model_cli as lm_runs
-
-REPO = Path(__file__).resolve().parents[2]
-TOP2 = REPO / "configs/lm/top2.yaml"
+from . import lm_runs
+from .lm_runs import REPO, TOP2
 
 
 def train_bar(run) -> tuple[float, float]:

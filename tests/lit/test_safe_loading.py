@@ -21,8 +21,7 @@ from lm_moe.lit.weights_export import CONFIG_FILE, WEIGHTS_FILE, read_export
 from lm_moe.profiling import comparison
 
 from ..scripts_in_process import run_script_in_process
-from . import test_image_classifier_cli as vit_runs
-from . import test_language_model_cli as lm_runs
+from . import lm_runs, vit_runs
 
 REPO = Path(__file__).resolve().parents[2]
 LM_CONFIG = REPO / "configs/lm/top2.yaml"

@@ -7,6 +7,8 @@ import pytorch_lightning as pl
 
 from lm_moe.lit.checkpoints import read_checkpoint
 
+REPO = Path(__file__).resolve().parents[2]  # the checkout, whose configs the runs train
+
 
 def tiny_run_args(cache_dir: Path, steps: int) -> list[str]:
     """`steps` training steps, validation of 2 batches every 2 steps, logging every step, no
