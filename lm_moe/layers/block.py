@@ -1,18 +1,36 @@
-"""Pre-norm transformer block: causal self-attention, then any FFN layer (`FeedForwardLayer`).
+"""Pre-norm transformer block: causal self-attention, then any FFN layer (`FeedForwardLayer`); and
+what both models do with their blocks: choose which get the configured FFN, and run them in turn.
 
 When decoding, the block runs the FFN's `decode(x, state) -> (y, new_state)` on the new tokens,
 state None at the start, and keeps the state in its `BlockCache`.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from lm_moe.argument_checks import require_choice
 from lm_moe.layers.attention import CausalSelfAttention, KVCache
 from lm_moe.layers.feed_forward_layer import FeedForwardLayer
 from lm_moe.layers.layer_output import LayerAux
+
+
+MOE_BLOCKS = ("all", "every_other", "second_half", "none")
+
+
+def moe_block_indices(moe_blocks: str, n_layer: int) -> set[int]:
+    """Which of the n_layer blocks get the configured FFN (the others are dense)."""
+    require_choice("moe_blocks", moe_blocks, MOE_BLOCKS)
+    if moe_blocks == "all":
+        return set(range(n_layer))
+    if moe_blocks == "every_other":
+        return set(range(1, n_layer, 2))
+    if moe_blocks == "second_half":
+        return set(range(n_layer // 2, n_layer))
+    return set()
 
 
 @dataclass
@@ -46,3 +64,18 @@ class TransformerBlock(nn.Module):
         y, aux = run_ffn(self.ffn, self.ln2(x), cache)  # [B, T, D]
         x = x + self.drop(y)  # [B, T, D]
         return x, aux
+
+
+def run_blocks(
+    blocks: nn.ModuleList, x: torch.Tensor, caches: Sequence[BlockCache] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, dict[str, torch.Tensor]]]:
+    """x [B, T, D] through every block in turn (with its cache, when decoding) -> (x [B, T, D], the
+    sum of the FFN layers' aux losses, their stats by block: "block_3" -> stats)."""
+    aux_loss = torch.zeros((), device=x.device)
+    layer_stats = {}
+    for i, block in enumerate(blocks):
+        x, aux = block(x) if caches is None else block(x, caches[i])  # [B, T, D]
+        aux_loss = aux_loss + aux.loss
+        if aux.stats:
+            layer_stats[f"block_{i}"] = aux.stats
+    return x, aux_loss, layer_stats

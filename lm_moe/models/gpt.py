@@ -15,26 +15,13 @@ import torch
 from torch import nn
 
 from lm_moe.layers.attention import KVCache
-from lm_moe.layers.block import BlockCache, TransformerBlock
+from lm_moe.layers.block import BlockCache, TransformerBlock, moe_block_indices, run_blocks
 from lm_moe.layers.feed_forward_layer import FeedForwardLayer, build_feed_forward_layer
 from lm_moe.argument_checks import require_choice, require_fraction, require_positive_int
 from lm_moe.layers.ffn import ACTIVATIONS, DenseFFN, ExpertWeights, default_hidden_dim
 
-MOE_BLOCKS = ("all", "every_other", "second_half", "none")
 POSITIONS = ("learned", "rotary")
 INIT_STD = 0.02
-
-
-def moe_block_indices(moe_blocks: str, n_layer: int) -> set[int]:
-    """Which of the n_layer blocks get the configured FFN (the others are dense)."""
-    require_choice("moe_blocks", moe_blocks, MOE_BLOCKS)
-    if moe_blocks == "all":
-        return set(range(n_layer))
-    if moe_blocks == "every_other":
-        return set(range(1, n_layer, 2))
-    if moe_blocks == "second_half":
-        return set(range(n_layer // 2, n_layer))
-    return set()
 
 
 def require_causal_ffns(blocks: nn.ModuleList) -> None:
@@ -175,13 +162,6 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(past, past + T, device=input_ids.device))  # [B, T, D]
         x = self.drop(x)
-
-        aux_loss = torch.zeros((), device=x.device)
-        layer_stats = {}
-        for i, block in enumerate(self.blocks):
-            x, aux = block(x, None if cache is None else cache.blocks[i])  # [B, T, D]
-            aux_loss = aux_loss + aux.loss
-            if aux.stats:
-                layer_stats[f"block_{i}"] = aux.stats
+        x, aux_loss, layer_stats = run_blocks(self.blocks, x, None if cache is None else cache.blocks)  # [B, T, D]
         logits = self.lm_head(self.ln_f(x))  # [B, T, V]
         return GPTOutput(logits, aux_loss, layer_stats, cache)

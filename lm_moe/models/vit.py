@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from lm_moe.argument_checks import require_choice, require_fraction, require_positive_int
+from lm_moe.layers.block import moe_block_indices, run_blocks
 from lm_moe.layers.encoder_attention import EncoderSelfAttention
 from lm_moe.layers.feed_forward_layer import FeedForwardLayer, build_feed_forward_layer
 from lm_moe.layers.ffn import DenseFFN, ExpertWeights
 from lm_moe.layers.layer_output import LayerAux
-from lm_moe.models.gpt import moe_block_indices
 
 POOLS = ("cls", "mean")
 CHANNELS = (1, 3)
@@ -149,14 +149,7 @@ class ViT(nn.Module):
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], 1, -1), x], dim=1)  # [B, 1 + T, D]
         x = self.drop(x + self.pos_embed.weight)  # [B, T, D]
-
-        aux_loss = torch.zeros((), device=x.device)
-        layer_stats = {}
-        for i, block in enumerate(self.blocks):
-            x, aux = block(x)  # [B, T, D]
-            aux_loss = aux_loss + aux.loss
-            if aux.stats:
-                layer_stats[f"block_{i}"] = aux.stats
+        x, aux_loss, layer_stats = run_blocks(self.blocks, x)  # [B, T, D]
         x = self.ln_f(x)  # [B, T, D]
         pooled = x[:, 0] if self.pool == "cls" else x.mean(dim=1)  # [B, D]
         return ViTOutput(self.head(pooled), aux_loss, layer_stats)
