@@ -8,7 +8,6 @@ validation loss) in its `checkpoints/` folder. `--ckpt_path last` resumes the ne
 same name: the step count, optimizer and schedule continue, and the logs go to a new version.
 """
 
-import re
 import shutil
 import signal
 import sys
@@ -29,68 +28,32 @@ from lm_moe.command_line import OneLineErrors
 from lm_moe.layers.batch_groups import required_batch_multiple
 from lm_moe.lit.callbacks import ImagePredictionWriter, TextPredictionWriter, Throughput
 from lm_moe.lit.checkpoint_callback import LastAndBestCheckpoint
-from lm_moe.lit.checkpoints import read_checkpoint, require_matching_state, setting_differences
+from lm_moe.lit.checkpoints import (
+    best_checkpoint,
+    newest_last_checkpoint,
+    read_checkpoint,
+    require_matching_state,
+    run_root,
+    setting_differences,
+)
 from lm_moe.lit.interruption import CheckpointOnInterrupt
 from lm_moe.lit.progress_bar import StepProgressBar
 from lm_moe.lit.safe_loading import ESCAPE_FLAG, ESCAPE_HELP, use_safe_loading
 
 RUNS_DIR = "runs"
 ESCAPE_DEST = ESCAPE_FLAG.removeprefix("--")
-LAST_CHECKPOINT = re.compile(r"last(-v\d+)?\.ckpt")  # Lightning's names for it
 LIGHTNING_CHECKPOINT_NAMES = ("hpc", "registry")  # --ckpt_path values Lightning resolves itself
+# What `--ckpt_path last` and `best` look for in a run's versions, and what gives a run one.
+MISSING_CHECKPOINT = {
+    "last": ("last.ckpt", "train first"),
+    "best": ("checkpoint with a monitored score", "train first (with validation)"),
+}
 CKPT_PATH_HELP = (
     "checkpoint to start from (fit: resume its step, optimiser, schedule and batch order). "
     '"last": the newest last.ckpt (or last-v<n>.ckpt) of this run\'s versions (<save_dir>/<name>/<version> of the logger); '
     '"best": the checkpoint with the best monitored score over every version of this run; '
     "or a file path (default: null, a fresh run for fit, the model as built otherwise)"
 )
-
-
-def newest_last_checkpoint(logger_root: Path) -> Path:
-    """The newest last checkpoint of the run versions under `logger_root` (runs/<name>)."""
-    # Every version folder: version_<n>, or the name a logger's `version` setting gave it. A run
-    # into a folder that holds an earlier run's last.ckpt writes its own as last-v1.ckpt, ...
-    candidates = [path for path in logger_root.glob("*/checkpoints/last*.ckpt") if LAST_CHECKPOINT.fullmatch(path.name)]
-    candidates.sort(key=lambda path: path.stat().st_mtime)
-    if not candidates:
-        raise FileNotFoundError(
-            f"--ckpt_path last: no last.ckpt under {logger_root}/*/checkpoints/; "
-            "train first, or give the checkpoint's path"
-        )
-    return candidates[-1]
-
-
-def best_checkpoint(logger_root: Path, mode: str) -> Path:
-    """The checkpoint with the best monitored score (`mode` "min" or "max") among every run version
-    under `logger_root`, last.ckpt aside: each records its own score when it is written. (Lightning
-    resolves `best` only within the process that trained, and a resumed run starts its own best
-    afresh in its new version folder.)"""
-    scored = []
-    for path in logger_root.glob("*/checkpoints/*.ckpt"):
-        if path.stem.startswith("last"):
-            continue
-        try:
-            states = read_checkpoint(path).get("callbacks", {}).values()
-        except ValueError as error:  # one damaged file must not hide the run's other checkpoints
-            rank_zero_warn(f"--ckpt_path best: skipping {error}")
-            continue
-        score = next((state["current_score"] for state in states if state.get("current_score") is not None), None)
-        if score is not None:
-            scored.append((float(score), path))
-    if not scored:
-        raise FileNotFoundError(
-            f"--ckpt_path best: no checkpoint with a monitored score under {logger_root}/*/checkpoints/; "
-            "train first (with validation), or give the checkpoint's path"
-        )
-    return (min if mode == "min" else max)(scored)[1]
-
-
-def logger_root(logger_config) -> Path:
-    """runs/<name> of the configured TensorBoardLogger, where its run versions live."""
-    init_args = getattr(logger_config, "init_args", None)
-    if init_args is None or "save_dir" not in init_args or "name" not in init_args:
-        raise ValueError("--ckpt_path last or best needs a TensorBoardLogger with save_dir and name to find the run")
-    return Path(init_args.save_dir) / init_args.name
 
 
 def batches_started(trainer) -> int:
@@ -186,10 +149,15 @@ class LmMoeCLI(LightningCLI):
             return
         config = self.config[subcommand]
         ckpt_path = config.get("ckpt_path")
-        if ckpt_path == "last":
-            config.ckpt_path = str(newest_last_checkpoint(logger_root(config.trainer.logger)))
-        elif ckpt_path == "best":
-            config.ckpt_path = str(best_checkpoint(logger_root(config.trainer.logger), config.checkpoint.mode))
+        if ckpt_path in ("last", "best"):
+            root = run_root(config.trainer.logger)
+            found = newest_last_checkpoint(root) if ckpt_path == "last" else best_checkpoint(root, config.checkpoint.mode)
+            if found is None:
+                sought, needed = MISSING_CHECKPOINT[ckpt_path]
+                raise FileNotFoundError(
+                    f"--ckpt_path {ckpt_path}: no {sought} under {root}/*/checkpoints/; {needed}, or give the checkpoint's path"
+                )
+            config.ckpt_path = str(found)
         elif ckpt_path is not None and ckpt_path not in LIGHTNING_CHECKPOINT_NAMES and not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"--ckpt_path: no checkpoint file at {ckpt_path!r}")
 

@@ -1,13 +1,54 @@
-"""Checkpoint checks: refuse a checkpoint that does not fit the model, and say why; name the
-settings it was trained with that differ from the config's."""
+"""A run's checkpoints: finding them (the newest last one, the best one), reading one safely,
+refusing one that does not fit the model and saying why, naming the settings it was trained with
+that differ from the config's."""
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 
 from lm_moe.lit.safe_loading import load_checkpoint_file
+
+LAST_CHECKPOINT = re.compile(r"last(-v\d+)?\.ckpt")  # Lightning's names for it
+
+
+def run_root(logger_config) -> Path:
+    """<save_dir>/<name> of the configured TensorBoardLogger, where the run's versions live."""
+    init_args = getattr(logger_config, "init_args", None)
+    if init_args is None or "save_dir" not in init_args or "name" not in init_args:
+        raise ValueError("--ckpt_path last or best needs a TensorBoardLogger with save_dir and name to find the run")
+    return Path(init_args.save_dir) / init_args.name
+
+
+def newest_last_checkpoint(run_root: Path) -> Path | None:
+    """The newest last checkpoint of the run versions under `run_root` (runs/<name>), if any."""
+    # Every version folder: version_<n>, or the name a logger's `version` setting gave it. A run
+    # into a folder that holds an earlier run's last.ckpt writes its own as last-v1.ckpt, ...
+    candidates = [path for path in run_root.glob("*/checkpoints/last*.ckpt") if LAST_CHECKPOINT.fullmatch(path.name)]
+    return max(candidates, key=lambda path: path.stat().st_mtime, default=None)
+
+
+def best_checkpoint(run_root: Path, mode: str) -> Path | None:
+    """The checkpoint with the best monitored score (`mode` "min" or "max") among every run version
+    under `run_root`, last.ckpt aside, if any: each records its own score when it is written.
+    (Lightning resolves `best` only within the process that trained, and a resumed run starts its
+    own best afresh in its new version folder.)"""
+    scored = []
+    for path in run_root.glob("*/checkpoints/*.ckpt"):
+        if path.stem.startswith("last"):
+            continue
+        try:
+            states = read_checkpoint(path).get("callbacks", {}).values()
+        except ValueError as error:  # one damaged file must not hide the run's other checkpoints
+            rank_zero_warn(f"--ckpt_path best: skipping {error}")
+            continue
+        score = next((state["current_score"] for state in states if state.get("current_score") is not None), None)
+        if score is not None:
+            scored.append((float(score), path))
+    return (min if mode == "min" else max)(scored)[1] if scored else None
 
 
 def require_matching_state(checkpoint_state: dict[str, torch.Tensor], model_state: dict[str, torch.Tensor]) -> None:

@@ -27,11 +27,11 @@ import torch
 from lm_moe.causality.checks import Checker, CheckSettings
 from lm_moe.causality.subjects import ModelSubject
 from lm_moe.layers.batch_groups import required_batch_multiple
-from lm_moe.lit.checkpoints import read_checkpoint
+from lm_moe.lit.checkpoints import newest_last_checkpoint, read_checkpoint
 from lm_moe.profiling.inference import measure_decoding, round_up
 from lm_moe.profiling.model_cost import parameter_counts
 from lm_moe.profiling.models import error_message, load_checkpoint, resolved_config
-from lm_moe.profiling.training_curves import StepWatcher, versions
+from lm_moe.profiling.training_curves import StepWatcher
 
 POLL_SECONDS = 5.0  # how often the progress display looks at a running fit's logs
 
@@ -95,13 +95,6 @@ def fit_command(config: Path, run_dir: Path, settings: SweepSettings, batches_pe
     ]
 
 
-def last_checkpoint(run_dir: Path) -> Path | None:
-    """The last.ckpt of the newest version that has one."""
-    found = [version / "checkpoints" / "last.ckpt" for version in versions(run_dir)]
-    found = [path for path in found if path.is_file()]
-    return found[-1] if found else None
-
-
 def checkpoint_step(path: Path) -> int:
     return int(read_checkpoint(path)["global_step"])
 
@@ -153,7 +146,7 @@ def train(variant: Variant, settings: SweepSettings, threads: int | None,
     if variant.trained_marker.exists():
         return TrainingOutcome(True, "skipped")
     variant.run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = last_checkpoint(variant.run_dir)
+    checkpoint = newest_last_checkpoint(variant.run_dir)
     start = checkpoint_step(checkpoint) if checkpoint else 0
     if start < settings.max_steps:
         command = fit_command(variant.config, variant.run_dir, settings, variant.batches_per_step)
@@ -169,7 +162,7 @@ def train(variant: Variant, settings: SweepSettings, threads: int | None,
         if process.returncode != 0:
             tail = "\n".join(text.splitlines()[-30:])
             return TrainingOutcome(False, "failed", failure_reason(process.returncode, text), tail)
-        checkpoint = last_checkpoint(variant.run_dir)
+        checkpoint = newest_last_checkpoint(variant.run_dir)
         reached = checkpoint_step(checkpoint) if checkpoint else 0
         if reached < settings.max_steps:
             return TrainingOutcome(False, "failed", f"fit ended without a checkpoint at step {settings.max_steps} "
@@ -184,7 +177,7 @@ def evaluate(variant: Variant, evaluation: EvaluationSettings) -> dict:
     A part that fails is reported as an error in its place."""
     if variant.evaluation_file.exists():
         return json.loads(variant.evaluation_file.read_text())
-    model = load_checkpoint(last_checkpoint(variant.run_dir))
+    model = load_checkpoint(newest_last_checkpoint(variant.run_dir))
     result = parameter_counts(model)
     # Decoding: a prompt of half the context, then cached steps to its end, on the CPU in fp32.
     batch = round_up(evaluation.decode_batch, required_batch_multiple(model))

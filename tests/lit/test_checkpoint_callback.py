@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from lm_moe import cli
-from lm_moe.lit.checkpoints import read_checkpoint
+from lm_moe.lit.checkpoints import newest_last_checkpoint, read_checkpoint
 
 from .lm_runs import REPO, tiny_args
 from .tiny_runs import LastCheckpointSteps
@@ -88,4 +88,4 @@ def test_ckpt_path_last_takes_the_newest_last_checkpoint_of_a_version_folder_run
     fit_top2(tmp_path / "cache", 4, named)
     checkpoints, _ = fit_top2(tmp_path / "cache", 2, named)
     assert step_of(checkpoints / "last.ckpt") == 4 and step_of(checkpoints / "last-v1.ckpt") == 2
-    assert cli.newest_last_checkpoint(Path("runs/top2")) == checkpoints / "last-v1.ckpt"
+    assert newest_last_checkpoint(Path("runs/top2")) == checkpoints / "last-v1.ckpt"

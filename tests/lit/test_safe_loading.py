@@ -12,6 +12,7 @@ import yaml
 
 from lm_moe import cli, export, sample
 from lm_moe.causality import report
+from lm_moe.lit.checkpoints import best_checkpoint
 from lm_moe.lit.image_classifier import ImageClassifier
 from lm_moe.lit.language_model import LanguageModel
 from lm_moe.lit.safe_loading import UnsafeCheckpointError, foreign_callables, load_checkpoint_file
@@ -192,7 +193,7 @@ def test_ckpt_path_best_skips_a_crafted_checkpoint_with_a_warning(crafted, train
     (folder / "best-2.ckpt").write_bytes(trained["lm"].read_bytes())
     (folder / "best-4.ckpt").write_bytes(path.read_bytes())  # the same score: either could win
     with pytest.warns(UserWarning, match=r"skipping .*best-4.ckpt' refers to io\.open"):
-        assert cli.best_checkpoint(tmp_path / "runs" / "top2", "min") == folder / "best-2.ckpt"
+        assert best_checkpoint(tmp_path / "runs" / "top2", "min") == folder / "best-2.ckpt"
     assert not marker.exists()
 
 
