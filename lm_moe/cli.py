@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import jsonargparse
 import yaml
 from pytorch_lightning.callbacks import LearningRateMonitor, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -35,6 +36,7 @@ from lm_moe.lit.checkpoints import (
     require_matching_state,
     run_root,
     setting_differences,
+    with_current_setting_names,
 )
 from lm_moe.lit.interruption import CheckpointOnInterrupt
 from lm_moe.lit.progress_bar import StepProgressBar
@@ -75,8 +77,28 @@ class SaveConfigWithoutCheckpoint(SaveConfigCallback):
         super().setup(trainer, pl_module, stage)
 
 
+CONFIG_READ_MODE = "lm_moe_yaml"
+
+
+def _read_config(text: str):
+    """A config file (or a value on the command line) as the parser's YAML reads it; a ViT
+    config's model settings under their current names, which a run's saved config.yaml may predate."""
+    value = jsonargparse.get_loader("yaml")(text)
+    if isinstance(value, dict) and value.get("task") == "vit" and isinstance(value.get("model"), dict):
+        value = {**value, "model": with_current_setting_names(value["model"])}
+    return value
+
+
+jsonargparse.set_loader(CONFIG_READ_MODE, _read_config, exceptions=(yaml.YAMLError,))
+
+
 class LmMoeParser(OneLineErrors, LightningArgumentParser):
-    """Lightning's parser, with a bad setting, key, class or config file in one error line."""
+    """Lightning's parser, with a bad setting, key, class or config file in one error line, and
+    configs read by `_read_config`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("parser_mode", CONFIG_READ_MODE)  # the nested parsers it makes pass their own
+        super().__init__(*args, **kwargs)
 
 
 class LmMoeCLI(LightningCLI):

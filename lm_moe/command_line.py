@@ -17,7 +17,7 @@ BAD_INPUT = 2
 _CLASS_REASON = re.compile(r"expects a function or a callable class: (.*?)(?:\.+ Got value: .*)?$", re.MULTILINE)
 _PARSER_KEY = re.compile(r'Parser key "([^"]+)":')
 _CLASS_PATH = re.compile(r"class_path='([\w.]+)'")
-LAYER_SETTINGS = ("ffn", "mlp")  # the model settings that take an FFN layer class: GPT's and the ViT's
+LAYER_SETTING = "ffn"  # the model setting that takes an FFN layer class, in both models
 
 
 def ffn_layers() -> dict[str, type]:
@@ -46,7 +46,7 @@ def one_line(message: str) -> str:
     key, reasons = _PARSER_KEY.match(lines[0]) if lines else None, _CLASS_REASON.findall(message)
     if key and reasons:
         reason = reasons[0].rstrip(".")
-        if key[1].rsplit(".", 1)[-1] in LAYER_SETTINGS:
+        if key[1].rsplit(".", 1)[-1] == LAYER_SETTING:
             reason = _layer_reason(reason, message)
         return f"{key[1]}: {reason}"
     return _PARSER_KEY.sub(r"\1:", " ".join(lines))

@@ -11,8 +11,8 @@ from lm_moe.lit.optim import adamw_param_groups
 from lm_moe.models.vit import ViT
 
 
-def tiny_vit(mlp=None, **overrides) -> ViT:
-    settings = dict(num_classes=5, image_size=8, channels=1, patch_size=2, dim=16, depth=4, n_head=2, mlp=mlp)
+def tiny_vit(ffn=None, **overrides) -> ViT:
+    settings = dict(num_classes=5, image_size=8, channels=1, patch_size=2, dim=16, depth=4, n_head=2, ffn=ffn)
     return ViT(**{**settings, **overrides})
 
 
@@ -40,14 +40,14 @@ def test_encoder_attention_is_not_causal():
 @pytest.mark.parametrize(
     "moe_blocks, expected", [("second_half", {2, 3}), ("all", {0, 1, 2, 3}), ("every_other", {1, 3}), ("none", set())]
 )
-def test_moe_blocks_chooses_which_mlps_are_soft_moe(moe_blocks, expected):
+def test_moe_blocks_chooses_which_ffns_are_soft_moe(moe_blocks, expected):
     model = tiny_vit(soft_moe(), moe_blocks=moe_blocks)
     kinds = [type(block.mlp) for block in model.blocks]
     assert {i for i, kind in enumerate(kinds) if kind is SoftMoE} == expected
     assert all(kind is DenseFFN for i, kind in enumerate(kinds) if i not in expected)
 
 
-def test_without_an_mlp_factory_every_block_is_dense_with_the_given_width():
+def test_without_an_ffn_factory_every_block_is_dense_with_the_given_width():
     model = tiny_vit(None, dense_hidden_dim=24)
     assert all(type(block.mlp) is DenseFFN and block.mlp.expert.hidden_dim == 24 for block in model.blocks)
     assert tiny_vit(None).blocks[0].mlp.expert.hidden_dim == 64  # default: 4 x dim
@@ -106,8 +106,8 @@ def test_capacity_limited_topk_vit_depends_on_batch_mates_only_with_a_batch_capa
     """With capacity_group="batch" (V-MoE style: all images of the batch share each expert's capacity)
     an image's drops, so its logits, depend on the images before it; with the default per-image
     capacity (tokens in patch order) they do not."""
-    mlp = partial(TopKMoE, hidden_dim=8, num_experts=4, top_k=2, capacity_factor=0.5, capacity_group=capacity_group)
-    model = tiny_vit(mlp, moe_blocks="all").double()
+    ffn = partial(TopKMoE, hidden_dim=8, num_experts=4, top_k=2, capacity_factor=0.5, capacity_group=capacity_group)
+    model = tiny_vit(ffn, moe_blocks="all").double()
     images = torch.randn(4, 1, 8, 8, dtype=torch.float64)
     assert model(images).layer_stats["block_0"]["dropped_fraction"] > 0.3  # the capacity does bite
     changed_first = images.clone()
@@ -131,9 +131,9 @@ def test_capacity_limited_topk_vit_depends_on_batch_mates_only_with_a_batch_capa
         ({"num_classes": 0}, "num_classes must be a positive integer"),
         ({"dropout": 1.0}, r"dropout must be a number in \[0, 1\), got 1.0"),
         ({"dropout": -0.5}, "dropout must be a number in"),
-        ({"mlp": soft_moe(num_experts=0)}, "num_experts must be a positive integer, got 0"),
-        ({"mlp": soft_moe(slots_per_expert=0)}, "slots_per_expert must be a positive integer, got 0"),
-        ({"mlp": 3}, "mlp must be a callable"),
+        ({"ffn": soft_moe(num_experts=0)}, "num_experts must be a positive integer, got 0"),
+        ({"ffn": soft_moe(slots_per_expert=0)}, "slots_per_expert must be a positive integer, got 0"),
+        ({"ffn": 3}, "ffn must be a callable"),
     ],
 )
 def test_bad_arguments_name_the_problem(overrides, message):

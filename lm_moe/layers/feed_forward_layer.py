@@ -13,7 +13,7 @@ class FeedForwardLayer(nn.Module):
     """A layer that takes a transformer block's FFN place: x [B, T, D], mask [B, T] | None ->
     (y [B, T, D], LayerAux).
 
-    The models' `ffn` (GPT) and `mlp` (ViT) settings take a subclass: its class_path in a config,
+    The models' `ffn` setting (GPT's and the ViT's) takes a subclass: its class_path in a config,
     with `dim` given by the model. A layer of your own subclasses this one, implements `forward`
     (refusing bad input with `check_layer_input`) and overrides what differs from the defaults,
     which fit a layer that treats every token on its own. The rest of lm_moe knows a layer by

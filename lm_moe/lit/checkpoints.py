@@ -13,6 +13,9 @@ from pytorch_lightning.utilities import rank_zero_warn
 from lm_moe.lit.safe_loading import load_checkpoint_file
 
 LAST_CHECKPOINT = re.compile(r"last(-v\d+)?\.ckpt")  # Lightning's names for it
+# Former names of model settings, which the files saved with them (checkpoints, exports, a run's
+# config.yaml) still carry: the ViT's FFN setting, `ffn` as in the GPT, was `mlp`.
+FORMER_SETTING_NAMES = {"mlp": "ffn"}
 
 
 def run_root(logger_config) -> Path:
@@ -82,11 +85,22 @@ def checkpoint_task(checkpoint: dict) -> str:
     return "vit" if "num_classes" in checkpoint["hyper_parameters"] else "lm"
 
 
+def with_current_setting_names(model_settings: Mapping) -> dict:
+    """Saved model settings under the names the models take (a setting saved under both names keeps
+    both, for the parser to refuse)."""
+    renamed = {}
+    for key, value in model_settings.items():
+        current = FORMER_SETTING_NAMES.get(key, key)
+        renamed[key if current in model_settings else current] = value
+    return renamed
+
+
 def read_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu", task: str | None = None, allow_unsafe_pickle: bool = False
 ) -> dict:
     """Load a Lightning checkpoint file safely (see lm_moe.lit.safe_loading), with clear errors for
-    a missing, damaged or foreign file, and for one of another task than `task` ("lm" or "vit"; None = either)."""
+    a missing, damaged or foreign file, and for one of another task than `task` ("lm" or "vit"; None = either).
+    Its model settings under their current names (see `with_current_setting_names`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
@@ -95,6 +109,7 @@ def read_checkpoint(
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise ValueError(f"{str(path)!r} is not a Lightning checkpoint of an lm_moe model (no state_dict / hyper_parameters)")
     require_task(checkpoint_task(checkpoint), task, path)
+    checkpoint["hyper_parameters"] = with_current_setting_names(checkpoint["hyper_parameters"])
     return checkpoint
 
 

@@ -42,7 +42,7 @@ class ImageClassifier(pl.LightningModule):
         logged_images: int = 8,
         **vit_kwargs,
     ):
-        """`vit_kwargs` are ViT's arguments (patch_size, dim, depth, mlp, moe_blocks, ...); the CLI shows them."""
+        """`vit_kwargs` are ViT's arguments (patch_size, dim, depth, ffn, moe_blocks, ...); the CLI shows them."""
         super().__init__()
         check_adamw_settings(learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio)
         require_fraction("label_smoothing", label_smoothing)

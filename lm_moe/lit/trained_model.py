@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import instantiate_module
 
+from lm_moe.command_line import LAYER_SETTING
 from lm_moe.layers.feed_forward_layer import FeedForwardLayer
 from lm_moe.lit.checkpoints import TASK_MODELS, read_checkpoint, require_matching_state, require_task
 from lm_moe.lit.safe_loading import require_safe_pickle
@@ -62,9 +63,6 @@ def module_class(task: str) -> type[pl.LightningModule]:
     return LanguageModel
 
 
-LAYER_SETTINGS = ("ffn", "mlp")  # the settings that name a layer class: GPT's and the ViT's
-
-
 def _layer_class(class_path: str):
     """The class `class_path` names, imported only from lm_moe's own modules or one already imported."""
     module_name, _, name = class_path.rpartition(".")
@@ -82,7 +80,7 @@ def require_known_layer_classes(settings: dict) -> None:
     for key, value in settings.items():
         if isinstance(value, dict):
             require_known_layer_classes(value)
-        elif key in LAYER_SETTINGS and value is not None:
+        elif key == LAYER_SETTING and value is not None:
             raise ValueError(f"saved setting {key}: expected a class_path and init_args, got {value!r}")
         if key == "class_path":
             layer = _layer_class(str(value))

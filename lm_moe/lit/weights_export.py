@@ -10,7 +10,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lm_moe.lit.checkpoints import checkpoint_task
+from lm_moe.lit.checkpoints import checkpoint_task, with_current_setting_names
 from lm_moe.output_files import output_problem, staged_folder
 
 WEIGHTS_FILE = "model.safetensors"
@@ -64,7 +64,8 @@ def require_export_files(folder: str | Path) -> None:
 
 
 def read_export(folder: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config, state dict) of an export folder, with clear errors for a missing or damaged file."""
+    """(config, state dict) of an export folder, with clear errors for a missing or damaged file;
+    the model settings under their current names (see `with_current_setting_names`)."""
     folder = Path(folder)
     require_export_files(folder)
     try:
@@ -73,6 +74,7 @@ def read_export(folder: str | Path, map_location: str | torch.device = "cpu") ->
         raise ValueError(f"{str(folder / CONFIG_FILE)!r} is not readable YAML: {error}") from None
     if not isinstance(config, dict) or not {"task", "model", "data"} <= config.keys():
         raise ValueError(f"{str(folder / CONFIG_FILE)!r} is not an lm_moe export config (task:, model:, data:)")
+    config["model"] = with_current_setting_names(config["model"])
     try:
         state_dict = load_file(folder / WEIGHTS_FILE, device=str(map_location))
     except (SafetensorError, OSError) as error:

@@ -1,14 +1,14 @@
-"""A Vision Transformer classifier whose MLP blocks can be any layer with the MoE layer contract.
+"""A Vision Transformer classifier whose FFN blocks can be any layer with the MoE layer contract.
 
 Notation: B batch, C channels, S image side, p patch side, T tokens, D width, K classes.
 
     images [B, C, S, S] -> patches (a p x p convolution with stride p) -> tokens [B, (S/p)^2, D]
     (+ a class token in front when pool="cls") + learned position embeddings
-    -> depth x pre-norm encoder block: x += attention(LN(x)); x += mlp(LN(x))
+    -> depth x pre-norm encoder block: x += attention(LN(x)); x += ffn(LN(x))
     -> LN -> class token or mean over tokens -> linear head -> logits [B, K]
 
-As in the Soft MoE paper, the MLPs of the second half of the blocks are MoE layers by default
-(`moe_blocks`); the others are dense.
+As in the Soft MoE paper, the FFNs (MLPs) of the second half of the blocks are MoE layers by
+default (`moe_blocks`); the others are dense.
 """
 
 import math
@@ -32,23 +32,23 @@ CHANNELS = (1, 3)
 @dataclass
 class ViTOutput:
     logits: torch.Tensor  # [B, K]
-    aux_loss: torch.Tensor  # scalar: sum of the MLP layers' aux losses
+    aux_loss: torch.Tensor  # scalar: sum of the FFN layers' aux losses
     layer_stats: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # "block_3" -> stats
 
 
 class EncoderBlock(nn.Module):
-    """Pre-norm transformer encoder block: non-causal self-attention, then the MLP layer."""
+    """Pre-norm transformer encoder block: non-causal self-attention, then the FFN layer."""
 
-    def __init__(self, dim: int, n_head: int, mlp: FeedForwardLayer, dropout: float = 0.0):
+    def __init__(self, dim: int, n_head: int, ffn: FeedForwardLayer, dropout: float = 0.0):
         super().__init__()
         self.ln1 = nn.LayerNorm(dim)
         self.attn = EncoderSelfAttention(dim, n_head, dropout=dropout)
         self.ln2 = nn.LayerNorm(dim)
-        self.mlp = mlp
+        self.mlp = ffn  # blocks.<i>.mlp.*: the name of its weights in every ViT checkpoint and export
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, LayerAux]:
-        """x [B, T, D] -> (x [B, T, D], the MLP's aux)."""
+        """x [B, T, D] -> (x [B, T, D], the FFN's aux)."""
         x = x + self.drop(self.attn(self.ln1(x)))  # [B, T, D]
         y, aux = self.mlp(self.ln2(x))  # [B, T, D]
         return x + self.drop(y), aux
@@ -64,13 +64,13 @@ class ViT(nn.Module):
         dim: int = 128,
         depth: int = 6,
         n_head: int = 4,
-        mlp: Callable[[int], FeedForwardLayer] | None = None,
+        ffn: Callable[[int], FeedForwardLayer] | None = None,
         moe_blocks: str = "second_half",
         dense_hidden_dim: int | None = None,
         pool: str = "mean",
         dropout: float = 0.0,
     ):
-        """`mlp` builds the MLP of the blocks `moe_blocks` selects (all|every_other|second_half|none)
+        """`ffn` builds the FFN of the blocks `moe_blocks` selects (all|every_other|second_half|none)
         from the width D, e.g. a `SoftMoE` with its other arguments bound; None = dense everywhere.
         The other blocks get a dense GELU MLP of width `dense_hidden_dim` (default 4 * dim)."""
         super().__init__()
@@ -85,8 +85,8 @@ class ViT(nn.Module):
             )
         if dim % n_head:
             raise ValueError(f"dim must be divisible by n_head, got dim={dim}, n_head={n_head}")
-        if mlp is not None and not callable(mlp):
-            raise ValueError(f"mlp must be a callable dim -> FeedForwardLayer or None, got {mlp!r}")
+        if ffn is not None and not callable(ffn):
+            raise ValueError(f"ffn must be a callable dim -> FeedForwardLayer or None, got {ffn!r}")
         moe_indices = moe_block_indices(moe_blocks, depth)
         if dense_hidden_dim is not None:
             require_positive_int("dense_hidden_dim", dense_hidden_dim)
@@ -98,13 +98,13 @@ class ViT(nn.Module):
         self.channels = channels
         self.depth = depth
         self.pool = pool
-        self.moe_indices = moe_indices if mlp is not None else set()
+        self.moe_indices = moe_indices if ffn is not None else set()
         self.num_patches = (image_size // patch_size) ** 2
         num_tokens = self.num_patches + (pool == "cls")
 
-        def block_mlp(i: int) -> FeedForwardLayer:
+        def block_ffn(i: int) -> FeedForwardLayer:
             if i in self.moe_indices:
-                return build_feed_forward_layer(mlp, dim, "mlp")
+                return build_feed_forward_layer(ffn, dim, "ffn")
             return DenseFFN(dim, dense_hidden_dim or 4 * dim)
 
         self.patch_embed = nn.Conv2d(channels, dim, kernel_size=patch_size, stride=patch_size)
@@ -112,7 +112,7 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(dim)) if pool == "cls" else None
         self.pos_embed = nn.Embedding(num_tokens, dim)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(EncoderBlock(dim, n_head, block_mlp(i), dropout) for i in range(depth))
+        self.blocks = nn.ModuleList(EncoderBlock(dim, n_head, block_ffn(i), dropout) for i in range(depth))
         self.ln_f = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         self._init_weights()
@@ -120,7 +120,7 @@ class ViT(nn.Module):
     def _init_weights(self) -> None:
         """Xavier-uniform projections and experts, LeCun-normal patches, zero biases, N(0, 1)
         position embeddings (the patch embeddings' scale, so positions tell tokens apart from the
-        first step), PyTorch's default head. Routers, slot embeddings and scales of the MLP layers
+        first step), PyTorch's default head. Routers, slot embeddings and scales of the FFN layers
         keep their layer's own init. Measured on the offline MNIST subset (4 blocks of width 64,
         validation accuracy after 105 steps): 62% with N(0, 0.02) positions and a zero head, 89%
         with this init."""

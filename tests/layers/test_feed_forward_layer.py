@@ -67,7 +67,7 @@ def test_a_gpt_of_a_forward_only_layer_decodes_with_the_default():
 
 @pytest.mark.parametrize("build", [
     lambda factory: GPT(11, 8, n_layer=1, n_head=2, dim=4, ffn=factory),
-    lambda factory: ViT(3, 8, 1, dim=4, depth=1, n_head=2, mlp=factory, moe_blocks="all"),
+    lambda factory: ViT(3, 8, 1, dim=4, depth=1, n_head=2, ffn=factory, moe_blocks="all"),
 ], ids=["gpt", "vit"])
 def test_the_models_refuse_a_layer_outside_the_contract(build):
     with pytest.raises(ValueError, match=r"\(dim\) must build a FeedForwardLayer, got Linear"):

@@ -129,7 +129,7 @@ def test_without_a_trainer_preset_a_vit_config_trains_30_epochs_and_a_preset_cap
 
 def test_experts_and_slots_sweep_from_the_command_line(tmp_path):
     built = build(REPO / "configs/vit/soft_moe.yaml", tmp_path,
-                  "--model.mlp.init_args.num_experts=16", "--model.mlp.init_args.slots_per_expert=2")
+                  "--model.ffn.init_args.num_experts=16", "--model.ffn.init_args.slots_per_expert=2")
     layer = built.model.model.blocks[1].mlp
     assert isinstance(layer, SoftMoE) and (layer.num_experts, layer.slots_per_expert) == (16, 2)
 
@@ -138,8 +138,8 @@ def test_experts_and_slots_sweep_from_the_command_line(tmp_path):
     "overrides, error, message",
     [
         (["--data.image_size=30"], ValueError, "image_size 30 is not divisible by patch_size 7"),
-        (["--model.mlp.init_args.num_experts=0"], ValueError, "num_experts must be a positive integer, got 0"),
-        (["--model.mlp.init_args.slots_per_expert=0"], ValueError, "slots_per_expert must be a positive integer, got 0"),
+        (["--model.ffn.init_args.num_experts=0"], ValueError, "num_experts must be a positive integer, got 0"),
+        (["--model.ffn.init_args.slots_per_expert=0"], ValueError, "slots_per_expert must be a positive integer, got 0"),
         (["--data.channels=3"], ValueError, "is grayscale .* but channels=3"),
         (["--data.label_column=digit"], ValueError, "label_column 'digit' is not in"),
         (["--model.label_smoothing=1.0"], ValueError, r"label_smoothing must be a number in \[0, 1\), got 1.0"),
@@ -156,7 +156,7 @@ def test_accuracy_on_the_offline_default_rises_well_above_chance(tmp_path, monke
     Augmentation is off: it slows a run this short (measured: 73% after 100 steps)."""
     monkeypatch.chdir(tmp_path)
     run = fit(REPO / "configs/vit/soft_moe.yaml", tmp_path / "cache", "--data.batch_size=64", "--data.crop_padding=0",
-              "--model.mlp.init_args.num_experts=8", "--model.mlp.init_args.hidden_dim=64", "--model.learning_rate=0.003",
+              "--model.ffn.init_args.num_experts=8", "--model.ffn.init_args.hidden_dim=64", "--model.learning_rate=0.003",
               "--model.warmup_steps=10", "--trainer.val_check_interval=100", "--trainer.limit_val_batches=null", steps=100)
     accuracy = run.trainer.callback_metrics["val/acc_top1"].item()
     assert accuracy > 0.5, accuracy  # chance: 0.1

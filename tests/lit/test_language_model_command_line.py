@@ -53,7 +53,7 @@ def test_bad_settings_fail_before_anything_is_written(tmp_path, monkeypatch, ove
     assert list(tmp_path.iterdir()) == []  # no run folder, no data cache
 
 
-@pytest.mark.parametrize("config, setting", [("configs/lm/top2.yaml", "--model.ffn"), ("configs/vit/soft_moe.yaml", "--model.mlp")])
+@pytest.mark.parametrize("config, setting", [("configs/lm/top2.yaml", "--model.ffn"), ("configs/vit/soft_moe.yaml", "--model.ffn")])
 def test_the_ffn_setting_lists_the_layers_and_refuses_other_modules(config, setting, capsys):
     with pytest.raises(SystemExit):
         cli.main(["fit", "-c", str(REPO / config), "--help"])
