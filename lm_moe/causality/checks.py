@@ -1,4 +1,4 @@
-"""The leakage checks (DESIGN.md section 5), each measuring a maximum difference.
+"""The leakage checks (docs/causality.md, "The checks"), each measuring a maximum difference.
 
 Every check runs on a subject (`subjects.py`) in float64, so a causal subject shows differences
 at rounding level (<= `tolerance`) and a leak shows up as a difference of the size of the outputs.

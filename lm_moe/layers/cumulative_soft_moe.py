@@ -1,5 +1,5 @@
 """Cumulative Soft MoE: a causal Soft MoE in which every position owns all the slots, each pooled
-over that position's prefix (DESIGN.md section 4, V1).
+over that position's prefix (V1 of docs/causal_variants.md).
 
 Notation: B batch, T tokens, D width, E experts, P slots per expert, S = E*P slots, H expert
 hidden width, g the optional decay (g = 1 without it).

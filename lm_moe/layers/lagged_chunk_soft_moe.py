@@ -1,5 +1,5 @@
 """Lagged-chunk Soft MoE: a causal Soft MoE whose slots are built once per chunk of time and read
-by the next chunk, plus a dense shared expert on every token (DESIGN.md section 4, V2).
+by the next chunk, plus a dense shared expert on every token (V2 of docs/causal_variants.md).
 
 Notation: B batch, T tokens, D width, E experts, P slots per expert, S = E*P slots, H expert
 hidden width, H_sh the shared expert's hidden width, C chunk length, K = ceil(T / C) chunks,
