@@ -107,7 +107,7 @@ def bare_tokens_per_sec(config: Path, trainer_config: Path, steps: int, warmup: 
     return tokens / (time.perf_counter() - start)
 
 
-# Target of each config's Lightning tokens/s, relative to another config's (issue targets).
+# Target of each config's Lightning tokens/s, relative to another config's (docs/causal_variants.md#measured).
 TARGETS = {
     "top2": ("dense", 0.8),
     "cumulative": ("top2", 0.6),

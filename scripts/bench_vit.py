@@ -27,7 +27,7 @@ from lm_moe.output_files import write_text_atomically
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Target of each config's images/s relative to the dense ViT's (the performance bar).
+# Target of each config's images/s relative to the dense ViT's (docs/vit.md, with its measurements).
 TARGETS = {"soft_moe": 0.8}
 
 

@@ -27,7 +27,8 @@ def initial_ffn_output_rms(config: str) -> float:
 
 
 def test_top2_config_starts_at_the_dense_mlp_output_scale():
-    # Before the fix the top-2 output started at half the dense one: the mean of two experts.
+    # Renormalised weights make a top-2 output the mean of two experts, half the dense one, unless
+    # route_scale scales them up: configs/lm/top2.yaml does, docs/moe_baseline/configs/top2_before.yaml not.
     ratio = initial_ffn_output_rms("configs/lm/top2.yaml") / initial_ffn_output_rms("configs/lm/dense.yaml")
     assert 0.8 < ratio < 1.25
     before = initial_ffn_output_rms("docs/moe_baseline/configs/top2_before.yaml")
@@ -44,7 +45,7 @@ def block_ffn_output_rms(model: GPT) -> float:
 
 def test_segment_merged_experts_start_so_that_their_mix_has_one_mlps_scale():
     # The merged FFN averages the E experts' weights: each drawn sqrt(E) larger, their mix
-    # starts at the scale of one MLP of the same width (it started at 1/E of its output).
+    # starts at the scale of one MLP of the same width (drawn at one MLP's scale, at 1/E of its output).
     torch.manual_seed(0)
     merged = GPT(100, 64, n_layer=1, dim=256, ffn=lambda dim: SegmentMergedMoE(dim, 896, num_experts=8, segment_size=16))
     dense = GPT(100, 64, n_layer=1, dim=256, dense_hidden_dim=896, dense_activation="gelu")

@@ -24,9 +24,9 @@ class LastAndBestCheckpoint(ModelCheckpoint):
     and at the end of training.
 
     Lightning (2.6) rewrites last.ckpt at a validation only when it also writes a top-k checkpoint
-    there, and at the end of training only if it never wrote one: a run whose validation loss rose
-    at the end, or that ended between validations, kept last.ckpt at an older step, so that
-    `--ckpt_path last`, sampling and evaluation silently used an older model.
+    there, and at the end of training only if it never wrote one: a run whose validation loss rises
+    at the end, or that ends between validations, would keep last.ckpt at an older step, and
+    `--ckpt_path last`, sampling and evaluation would silently use an older model.
     """
 
     def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict) -> None:

@@ -29,8 +29,8 @@ class CheckpointOnInterrupt(pl.Callback):
     a scheduler sends it, is reduced over the ranks after each step and each validation, so that
     all of them write last.ckpt at the same step and stop together. (Lightning 2.6's own handler
     broadcasts from inside the signal handler: with every rank signalled, the ranks' collectives
-    no longer matched and the run hung. In one process it stopped a validation half-way, and the
-    resumed run never redid it.)
+    stop matching and the run hangs. In one process it stops a validation half-way, which the
+    resumed run never redoes.)
     """
 
     def __init__(self):

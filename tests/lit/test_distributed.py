@@ -38,7 +38,7 @@ def test_sigterm_to_every_rank_stops_them_together_with_last_ckpt_at_that_step(t
             "--trainer.callbacks.step=2", f"--trainer.callbacks.signum={int(signal.SIGTERM)}"]
     env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache"), "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-m", "lm_moe", *args], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)  # the run used to hang here
+                            text=True, timeout=300)  # ranks whose collectives stop matching hang here
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-4000:]
     checkpoint = read_checkpoint(tmp_path / "runs/top2/version_0/checkpoints/last.ckpt")
     assert checkpoint["global_step"] == 3  # the step under way when the signal came finished

@@ -22,7 +22,7 @@ def test_the_progress_bar_counts_optimizer_steps_towards_max_steps_also_after_a_
     first = lm_runs.fit(TOP2, tmp_path / "cache", "--trainer.enable_progress_bar=true")
     assert train_bar(first) == (4, 4)
     resumed = lm_runs.fit(TOP2, tmp_path / "cache", "--trainer.enable_progress_bar=true", "--ckpt_path=last", steps=6)
-    assert train_bar(resumed) == (6, 6)  # Lightning's own bar showed the epoch's batch index against what was left
+    assert train_bar(resumed) == (6, 6)  # Lightning's own bar shows the epoch's batch index against what is left
 
 
 def test_the_seed_is_0_unless_the_config_sets_one(capsys):
