@@ -62,8 +62,8 @@ class TopKMoE(FeedForwardLayer):
         negative control for the leakage suite and for encoders; `is_causal` is False with it.
     capacity_group: "sequence" (each sequence has its own capacity, as above) or "batch": the
         whole batch is one group, its rows in order (row 0 first), as V-MoE routes groups of images.
-        Then a row's drops depend on the other rows: not per-example deterministic, and `is_causal`
-        is False (a decoder refuses it). Decoding treats each call's new tokens as one group.
+        Then a row's drops depend on the other rows: `per_example_deterministic` and `is_causal`
+        are False (a decoder refuses it). Decoding treats each call's new tokens as one group.
     route_scale: multiplies the combine weights (DeepSeek-V3's routed scaling factor). None (the
         default) = top_k with renormalised weights, 1 without. Renormalised weights sum to 1, so
         without it a top-2 output is the mean of two experts: half the output, and half the
@@ -120,6 +120,11 @@ class TopKMoE(FeedForwardLayer):
         if self.capacity_factor is None:
             return True
         return self.capacity_priority == "position" and self.capacity_group == "sequence"
+
+    @property
+    def per_example_deterministic(self) -> bool:
+        """False where the batch shares one capacity: a row's drops depend on the rows before it."""
+        return self.capacity_factor is None or self.capacity_group == "sequence"
 
     def parameter_macs_per_token(self) -> float:
         """The router (D*E) and the top_k chosen experts."""

@@ -66,6 +66,12 @@ def test_known_leaky_layer_is_caught_by_the_forward_test(name):
     assert results[("decode equivalence", "eval")].verdict in ("LEAK", "ERROR")  # ERROR: refuses to decode
 
 
+def test_a_layer_whose_rows_share_a_capacity_is_not_judged_on_batch_independence():
+    # Its row 0 goes first and keeps its drops whatever its batch-mates; the later rows do not.
+    results = run_checks(partial(TopKMoE, DIM, 16, 4, capacity_factor=0.5, capacity_group="batch"))
+    assert results[("batch independence", "eval")].verdict == "n/a"
+
+
 def test_gradient_check_alone_is_blind_to_discrete_capacity_decisions():
     # Why the forward test comes first: GShard's drops leak, yet no gradient flows through them.
     results = run_checks(LEAKY_LAYERS["gshard_capacity"])

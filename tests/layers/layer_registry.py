@@ -91,7 +91,12 @@ LAYERS = {
         dict(dim=DIM, hidden_dim=HIDDEN, num_experts=4, top_k=2),
         length=11,
         valid_length=4,
-        variants={"dropless": {}, "capacity_0.5": dict(capacity_factor=0.5), "capacity_1": dict(capacity_factor=1.0)},
+        variants={
+            "dropless": {},
+            "capacity_0.5": dict(capacity_factor=0.5),
+            "capacity_1": dict(capacity_factor=1.0),
+            "batch_capacity": dict(capacity_factor=0.5, capacity_group="batch"),
+        },
         decode_pieces=((11,), (4, 1, 1, 5), (1,) * 11, (3, 8)),
         count_stats=frozenset({"tokens_per_expert"}),
         parameter_macs=DIM * 4 + 2 * EXPERT,

@@ -237,7 +237,10 @@ def test_batch_capacity_group_equals_the_rows_concatenated_into_one_sequence(cap
 
 def test_batch_capacity_group_makes_rows_depend_on_their_batch_mates():
     moe = make_moe(capacity_factor=0.5, capacity_group="batch")
-    assert not moe.is_causal and make_moe(capacity_group="batch").is_causal  # dropless: no capacity, no group
+    assert not moe.is_causal and not moe.per_example_deterministic
+    dropless = make_moe(capacity_group="batch")  # no capacity to share: the rows stay apart
+    assert dropless.is_causal and dropless.per_example_deterministic
+    assert make_moe(capacity_factor=0.5).per_example_deterministic
     torch.manual_seed(0)
     x = torch.randn(4, 8, 8, dtype=torch.float64)
     mates_changed = torch.cat([x[:1], 10 * torch.randn(3, 8, 8, dtype=torch.float64)])
