@@ -54,9 +54,9 @@ def test_ckpt_path_last_without_a_run_says_so(tmp_path, monkeypatch):
         fit(TOP2, tmp_path / "cache", "--ckpt_path=last")
 
 
-def test_a_checkpoint_trained_with_other_settings_of_the_same_shapes_is_named_in_a_warning(trained_top2, monkeypatch):
+def test_a_checkpoint_trained_with_other_settings_of_the_same_shapes_is_named_in_a_warning(trained_top2, tmp_path, monkeypatch):
     work, cache = trained_top2
-    monkeypatch.chdir(work)
+    monkeypatch.chdir(tmp_path)
     checkpoint = work / "runs/top2/version_0/checkpoints/last.ckpt"
     validate = ["validate", "-c", str(TOP2), *tiny_args(cache), f"--ckpt_path={checkpoint}",
                 "--trainer.logger=false"]
@@ -94,9 +94,9 @@ def test_a_damaged_checkpoint_is_refused_before_any_data_work(trained_top2, tmp_
 
 
 @pytest.mark.parametrize("subcommand, key", [("validate", "val/loss"), ("test", "test/loss")])
-def test_validate_and_test_a_checkpoint(trained_top2, monkeypatch, subcommand, key):
+def test_validate_and_test_a_checkpoint(trained_top2, tmp_path, monkeypatch, subcommand, key):
     work, _ = trained_top2
-    monkeypatch.chdir(work)
+    monkeypatch.chdir(tmp_path)  # the run's config.yaml logs to runs/ here
     run_dir = work / "runs/top2/version_0"
     result = cli.main([subcommand, "-c", str(run_dir / "config.yaml"), f"--ckpt_path={run_dir}/checkpoints/last.ckpt"])
     loss = result.trainer.callback_metrics[key]

@@ -106,9 +106,9 @@ def test_sample_checks_its_settings_before_reading_the_checkpoint(tmp_path, sett
         sample.sample(str(tmp_path / "missing.ckpt"), **setting)
 
 
-def test_predict_writes_continuations_of_validation_prompts(trained_top2, monkeypatch):
-    work, cache = trained_top2
-    monkeypatch.chdir(work)
+def test_predict_writes_continuations_of_validation_prompts(trained_top2, tmp_path, monkeypatch):
+    work, _ = trained_top2
+    monkeypatch.chdir(tmp_path)  # the run's config.yaml logs to runs/ here
     run_dir = work / "runs/top2/version_0"
     args = ["predict", "-c", str(run_dir / "config.yaml"), f"--ckpt_path={run_dir}/checkpoints/last.ckpt",
             "--trainer.limit_predict_batches=1", "--model.sampling.prompt_tokens=8", "--model.sampling.new_tokens=4"]
@@ -126,7 +126,7 @@ def test_predict_writes_continuations_of_validation_prompts(trained_top2, monkey
 
 def test_predict_run_twice_into_one_folder_keeps_only_the_second_run(trained_top2, tmp_path, monkeypatch):
     work, _ = trained_top2
-    monkeypatch.chdir(work)
+    monkeypatch.chdir(tmp_path)
     run_dir = work / "runs/top2/version_0"
     # Without a logger, the log dir is default_root_dir: the same folder for both runs.
     args = ["predict", "-c", str(run_dir / "config.yaml"), f"--ckpt_path={run_dir}/checkpoints/last.ckpt",
