@@ -3,6 +3,7 @@
     python scripts/compare_lm.py --out results/compare                      # every config under configs/lm/
     python scripts/compare_lm.py --configs configs/lm/dense.yaml configs/lm/top2.yaml --max-steps 600 --val-every 100
     python scripts/compare_lm.py --out results/compare --model.n_layer=2     # config overrides, for every variant
+    python scripts/compare_lm.py --out results/compare --learning-rate top2=0.0014   # a variant's own learning rate
 
 Each variant trains in its own `python -m lm_moe fit` process (a crash fails that variant only:
 the table reports it as FAILED with its error), with --max-steps steps and --seed for all, its
@@ -21,6 +22,7 @@ Exit status 1 when a variant failed.
 """
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -37,6 +39,7 @@ from lm_moe.profiling.comparison import (
     Variant,
     batches_per_step,
     evaluate,
+    require_same_learning_rate,
     require_same_settings,
     train,
 )
@@ -62,6 +65,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument("--decode-batch", type=int, default=4)
     parser.add_argument("--causality-seeds", type=int, default=1, help="random inputs per leakage check (0: skip)")
+    parser.add_argument("--learning-rate", metavar="VARIANT=RATE", action="append", default=[],
+                        help="a variant's own model.learning_rate (repeat for several variants; the others "
+                             "train at the rate of their config, the preset and the overrides)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads of every process (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=Path("results/compare"))
@@ -88,7 +94,25 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         parser.error(f"no config file at {', '.join(missing)}")
     if not_lm := configs_not_of_task(args.configs, "lm"):
         parser.error(f"the comparison trains language models; not LM configs: {', '.join(not_lm)}")
+    pairs = [parse_learning_rate(parser, text, names) for text in args.learning_rate]
+    args.learning_rates = dict(pairs)
+    if len(args.learning_rates) != len(pairs):
+        parser.error(f"--learning-rate gives one variant two rates: {' '.join(args.learning_rate)}")
     return args, overrides
+
+
+def parse_learning_rate(parser: argparse.ArgumentParser, text: str, names: list[str]) -> tuple[str, float]:
+    """`top2=0.0014` -> ("top2", 0.0014), for a variant of the sweep and a positive finite rate."""
+    name, _, rate = text.partition("=")
+    if name not in names:
+        parser.error(f"--learning-rate {text}: {name!r} is not a variant of this sweep ({', '.join(names)})")
+    try:
+        value = float(rate)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        parser.error(f"--learning-rate {text}: the rate must be a positive number, as in {name}=0.002")
+    return name, value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,9 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     evaluation = EvaluationSettings(args.decode_batch, args.causality_seeds)
     try:
         # A bad config or override is refused here, not after the variants before it have trained.
-        variants = [Variant(config.stem, config.resolve(), args.out / config.stem, batches_per_step(config, settings))
+        variants = [Variant(config.stem, config.resolve(), args.out / config.stem, batches_per_step(config, settings),
+                            args.learning_rates.get(config.stem))
                     for config in args.configs]
         require_same_settings(args.out, settings)
+        for variant in variants:
+            require_same_learning_rate(variant)
     except ValueError as error:
         exit_with_error(PROG, str(error))
     if args.threads is not None:

@@ -15,14 +15,18 @@ from torch.utils.tensorboard import SummaryWriter
 
 from lm_moe.profiling.comparison import (
     SweepSettings,
+    Variant,
     batches_per_step,
     failure_reason,
     fit_command,
+    require_same_learning_rate,
     require_same_settings,
 )
 from lm_moe.profiling.model_cost import parameter_counts
 from lm_moe.profiling.models import build_from_config
 from lm_moe.profiling.training_curves import curve, median_scalar, tokens_per_step
+
+from .scripts_in_process import run_script_in_process
 
 REPO = Path(__file__).resolve().parents[1]
 LM_CONFIGS = sorted((REPO / "configs/lm").glob("*.yaml"))
@@ -111,8 +115,54 @@ def test_a_sweep_folder_refuses_other_settings(tmp_path):
         require_same_settings(tmp_path, SweepSettings("trainer.yaml", 200, 10, 1))
 
 
+def test_a_variants_own_learning_rate_comes_after_the_overrides(tmp_path):
+    settings = SweepSettings("trainer.yaml", 20, 5, 0, ("--model.learning_rate=0.001",))
+    top2 = fit_command(REPO / "configs/lm/top2.yaml", tmp_path / "top2", settings, learning_rate=0.0014)
+    assert top2.index("--model.learning_rate=0.0014") > top2.index("--model.learning_rate=0.001")
+    dense = fit_command(REPO / "configs/lm/dense.yaml", tmp_path / "dense", settings)
+    assert [flag for flag in dense if flag.startswith("--model.learning_rate")] == ["--model.learning_rate=0.001"]
+
+
+def test_a_variant_folder_refuses_another_learning_rate(tmp_path):
+    def variant(rate):
+        return Variant("top2", REPO / "configs/lm/top2.yaml", tmp_path / "top2", learning_rate=rate)
+
+    require_same_learning_rate(variant(0.0014))
+    require_same_learning_rate(variant(0.0014))  # the same: resume
+    with pytest.raises(ValueError, match=r"trained top2 at learning rate 0.0014, not its config's: give the same"):
+        require_same_learning_rate(variant(None))
+    require_same_learning_rate(Variant("dense", REPO / "configs/lm/dense.yaml", tmp_path / "dense"))
+    with pytest.raises(ValueError, match=r"trained dense at learning rate its config's, not 0.003"):
+        require_same_learning_rate(Variant("dense", REPO / "configs/lm/dense.yaml", tmp_path / "dense",
+                                           learning_rate=0.003))
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("topx=0.001", "--learning-rate topx=0.001: 'topx' is not a variant of this sweep (dense, top2)"),
+    ("top2=-1", "--learning-rate top2=-1: the rate must be a positive number, as in top2=0.002"),
+    ("top2=fast", "--learning-rate top2=fast: the rate must be a positive number"),
+    ("top2", "--learning-rate top2: the rate must be a positive number"),
+])
+def test_compare_lm_refuses_a_bad_learning_rate(tmp_path, monkeypatch, capsys, flag, message):
+    args = ["--configs", "configs/lm/dense.yaml", "configs/lm/top2.yaml", "--learning-rate", flag,
+            "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as refused:
+        run_script_in_process("scripts/compare_lm.py", args, monkeypatch)
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_compare_lm_refuses_two_rates_for_one_variant(tmp_path, monkeypatch, capsys):
+    args = ["--configs", "configs/lm/top2.yaml", "--learning-rate", "top2=0.001", "--learning-rate", "top2=0.002",
+            "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as refused:
+        run_script_in_process("scripts/compare_lm.py", args, monkeypatch)
+    assert refused.value.code == 2 and "gives one variant two rates: top2=0.001 top2=0.002" in capsys.readouterr().err
+
+
 def run_compare(out: Path, configs: list[Path], env: dict) -> subprocess.CompletedProcess:
-    args = ["--configs", *map(str, configs), "--max-steps=8", "--val-every=4", "--threads=1", f"--out={out}", *TINY]
+    args = ["--configs", *map(str, configs), "--max-steps=8", "--val-every=4", "--threads=1", f"--out={out}",
+            "--learning-rate", "top2=0.003", *TINY]
     return subprocess.run([sys.executable, str(REPO / "scripts/compare_lm.py"), *args],
                           capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
 
@@ -143,7 +193,8 @@ def test_compare_lm_end_to_end_with_a_failure_a_resume_and_a_rerun(tmp_path):
     # An interrupted top2 run: the sweep's own fit command, stopped at step 4 of 8 (checkpoint at step 4).
     settings = SweepSettings(str((REPO / "configs/trainer/cpu_quick.yaml").resolve()), 8, 4, 1234, tuple(TINY))
     require_same_settings(out, settings)
-    interrupted = fit_command(configs[1], out / "top2", settings) + ["--trainer.max_steps=4"]
+    require_same_learning_rate(Variant("top2", configs[1], out / "top2", learning_rate=0.003))
+    interrupted = fit_command(configs[1], out / "top2", settings, learning_rate=0.003) + ["--trainer.max_steps=4"]
     assert subprocess.run(interrupted, capture_output=True, env=env, cwd=REPO).returncode == 0
 
     result = run_compare(out, configs, env)
@@ -160,6 +211,7 @@ def test_compare_lm_end_to_end_with_a_failure_a_resume_and_a_rerun(tmp_path):
         assert 0 < float(row["val_loss"]) < 10 and float(row["train_tokens_per_s"]) > 0
         assert float(row["decode_tokens_per_s"]) > 0 and row["causality"] == "PASS"
     assert int(rows[1]["params_active"]) < int(rows[1]["params_total"])
+    assert [row["learning_rate"] for row in rows[:2]] == ["0.002", "0.003"]  # the preset's; top2's own
     assert rows[2]["status"] == "FAILED" and "top_k must be at most num_experts=8, got 9" in rows[2]["reason"]
 
     saved = json.loads((out / "results.json").read_text())

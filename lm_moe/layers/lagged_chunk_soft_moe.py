@@ -83,6 +83,7 @@ class LaggedChunkSoftMoE(SlotRoutedLayer):
         summary: str = "prefix",
         shared_hidden_dim: int | None = None,
         activation: str = "gelu",
+        logit_scale_init: float = 1.0,
     ):
         chunk_size = require_positive_int("chunk_size", chunk_size)
         require_choice("summary", summary, SUMMARIES)
@@ -92,7 +93,7 @@ class LaggedChunkSoftMoE(SlotRoutedLayer):
         experts = ExpertWeights(num_experts, dim, hidden_dim, activation)
         # Built before the slots, as the experts are: the order fixes what a seed draws for each.
         shared = ExpertWeights(1, dim, shared_hidden_dim, activation)
-        super().__init__(experts, slots_per_expert)
+        super().__init__(experts, slots_per_expert, logit_scale_init)
         self.chunk_size = chunk_size
         self.summary = summary
         self.shared = shared

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm_moe.argument_checks import require_positive_int
+from lm_moe.argument_checks import require_positive_float, require_positive_int
 from lm_moe.layers.feed_forward_layer import FeedForwardLayer
 from lm_moe.layers.ffn import ExpertWeights
 from lm_moe.layers.numerics import coefficient_of_variation, masked_mean, routing_dtype, softmax_entropy
@@ -92,7 +92,7 @@ class SlotRoutedLayer(FeedForwardLayer):
 
     no_weight_decay = ("slot_embeddings",)  # normalised before use (see adamw_param_groups)
 
-    def __init__(self, experts: ExpertWeights, slots_per_expert: int):
+    def __init__(self, experts: ExpertWeights, slots_per_expert: int, logit_scale_init: float = 1.0):
         super().__init__()
         self.num_experts = experts.num_experts
         self.slots_per_expert = require_positive_int("slots_per_expert", slots_per_expert)
@@ -100,7 +100,7 @@ class SlotRoutedLayer(FeedForwardLayer):
         self.experts = experts
         dim = experts.dim
         self.slot_embeddings = nn.Parameter(torch.randn(dim, self.num_slots) * dim**-0.5)  # phi [D, S]
-        self.scale = nn.Parameter(torch.ones(()))
+        self.scale = nn.Parameter(torch.tensor(require_positive_float("logit_scale_init", logit_scale_init)))
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> L [..., S] (see `slot_logits`)."""

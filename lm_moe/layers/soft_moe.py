@@ -40,8 +40,9 @@ class SoftMoE(SlotRoutedLayer):
         num_experts: int,
         slots_per_expert: int = 1,
         activation: str = "gelu",
+        logit_scale_init: float = 1.0,
     ):
-        super().__init__(ExpertWeights(num_experts, dim, hidden_dim, activation), slots_per_expert)
+        super().__init__(ExpertWeights(num_experts, dim, hidden_dim, activation), slots_per_expert, logit_scale_init)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
         check_layer_input(x, mask, self.experts.dim)

@@ -8,6 +8,8 @@ The output folder of a sweep:
     <variant>/fit_<n>.log          what each fit attempt printed
     <variant>/trained.json         written once training reached max_steps
     <variant>/evaluation.json      parameters, decoding speed and causality of the trained model
+    <variant>/variant.json         the variant's own learning rate (null: its config's); a later
+                                   invocation must give it the same
 
 Resuming: a variant with trained.json (or whose newest last.ckpt is at max_steps) is not trained
 again; one with a last.ckpt short of max_steps continues from it (`--ckpt_path`); one without
@@ -76,11 +78,14 @@ def batches_per_step(config: Path, settings: SweepSettings) -> int:
     return int(resolved["trainer"].get("accumulate_grad_batches") or 1)
 
 
-def fit_command(config: Path, run_dir: Path, settings: SweepSettings, batches_per_step: int = 1) -> list[str]:
+def fit_command(config: Path, run_dir: Path, settings: SweepSettings, batches_per_step: int = 1,
+                learning_rate: float | None = None) -> list[str]:
     """The `python -m lm_moe fit` command line of one variant (logs and checkpoints in run_dir),
-    which accumulates the gradients of `batches_per_step` batches in each optimizer step."""
+    which accumulates the gradients of `batches_per_step` batches in each optimizer step and
+    trains at `learning_rate` (None: the rate of its config, the preset and the overrides)."""
     return [
         sys.executable, "-m", "lm_moe", "fit", "-c", str(config), "-c", settings.trainer, *settings.overrides,
+        *([f"--model.learning_rate={learning_rate}"] if learning_rate is not None else []),
         # After the overrides: what makes the variants comparable and the sweep resumable.
         f"--seed_everything={settings.seed}",
         f"--trainer.max_steps={settings.max_steps}",
@@ -121,10 +126,15 @@ class Variant:
     config: Path
     run_dir: Path
     batches_per_step: int = 1  # gradient accumulation of its fit (see the function of that name)
+    learning_rate: float | None = None  # its own model.learning_rate; None: its config's
 
     @property
     def trained_marker(self) -> Path:
         return self.run_dir / "trained.json"
+
+    @property
+    def settings_file(self) -> Path:
+        return self.run_dir / "variant.json"
 
     @property
     def evaluation_file(self) -> Path:
@@ -139,6 +149,23 @@ class TrainingOutcome:
     output_tail: str = ""  # the last lines the failed fit printed
 
 
+def require_same_learning_rate(variant: Variant) -> None:
+    """Record the variant's own learning rate in its new run folder, or refuse another one than
+    the folder's runs trained with."""
+    wanted = {"learning_rate": variant.learning_rate}
+    if not variant.settings_file.exists():
+        variant.run_dir.mkdir(parents=True, exist_ok=True)
+        variant.settings_file.write_text(json.dumps(wanted) + "\n")
+        return
+    recorded = json.loads(variant.settings_file.read_text())
+    if recorded != wanted:
+        def shown(rate: float | None) -> str:
+            return "its config's" if rate is None else str(rate)
+        raise ValueError(f"{variant.run_dir} trained {variant.name} at learning rate "
+                         f"{shown(recorded.get('learning_rate'))}, not {shown(variant.learning_rate)}: "
+                         "give the same rate to resume it, or another --out")
+
+
 def train(variant: Variant, settings: SweepSettings, threads: int | None,
           on_step: Callable[[int], None]) -> TrainingOutcome:
     """Train one variant to max_steps in a `fit` process (with `threads` CPU threads, None: torch's
@@ -149,7 +176,8 @@ def train(variant: Variant, settings: SweepSettings, threads: int | None,
     checkpoint = newest_last_checkpoint(variant.run_dir)
     start = checkpoint_step(checkpoint) if checkpoint else 0
     if start < settings.max_steps:
-        command = fit_command(variant.config, variant.run_dir, settings, variant.batches_per_step)
+        command = fit_command(variant.config, variant.run_dir, settings, variant.batches_per_step,
+                              variant.learning_rate)
         command += ["--ckpt_path", str(checkpoint)] if checkpoint else []
         env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         log = variant.run_dir / f"fit_{len(list(variant.run_dir.glob('fit_*.log'))) + 1}.log"

@@ -8,7 +8,7 @@ from lm_moe.output_files import staged_files
 from lm_moe.profiling.charts import Panel, draw
 from lm_moe.profiling.comparison import SweepSettings, TrainingOutcome, Variant
 from lm_moe.profiling.tables import Column, markdown_table, write_csv, write_json
-from lm_moe.profiling.training_curves import curve, median_scalar, tokens_per_step, versions
+from lm_moe.profiling.training_curves import curve, learning_rate, median_scalar, tokens_per_step, versions
 
 
 def _count(value: float) -> str:
@@ -23,6 +23,7 @@ COLUMNS = [
     Column("status", "status"),
     Column("val_loss", "val loss", ".3f"),
     Column("val_ppl", "val ppl", ".1f"),
+    Column("learning_rate", "learning rate", "g"),
     Column("tokens", "train tokens", _count),
     Column("params_total", "params total", _count),
     Column("params_active", "params active*", _count),
@@ -60,6 +61,7 @@ def variant_row(variant: Variant, outcome: TrainingOutcome, evaluation: dict | N
         tokens=steps * tokens_per_step(versions(variant.run_dir)[-1]),
         val_loss=final_loss,
         val_ppl=None if final_loss is None else math.exp(final_loss),
+        learning_rate=learning_rate(versions(variant.run_dir)[-1]),
         train_tokens_per_s=median_scalar(variant.run_dir, "perf/train_tokens_per_sec"),
         **(evaluation or {}),
     )
@@ -72,6 +74,7 @@ def write_report(out: Path, settings: SweepSettings, variants: list[Variant], ro
         f"# LM variant comparison\n\nEvery variant trained for {settings.max_steps} steps (trainer preset "
         f"`{Path(settings.trainer).name}`, seed {settings.seed}, validation every {settings.val_every} steps"
         + (f", overrides `{' '.join(settings.overrides)}`" if settings.overrides else "")
+        + (", each variant's learning rate in its row" if any(variant.learning_rate for variant in variants) else "")
         + f").\n\n{DEFINITIONS}\n\n"
     )
     shown = [{**row, "status": f"FAILED: {row['reason']}"} if row["status"] == "FAILED" else row for row in rows]

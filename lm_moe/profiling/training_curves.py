@@ -35,11 +35,20 @@ def _scalars(events: EventAccumulator, tag: str) -> list:
     return events.Scalars(tag) if tag in events.Tags()["scalars"] else []
 
 
+def _config(version: Path) -> dict:
+    return yaml.safe_load((version / "config.yaml").read_text())
+
+
+def learning_rate(version: Path) -> float:
+    """The peak learning rate the run trained at (model.learning_rate of its resolved config.yaml)."""
+    return float(_config(version)["model"]["learning_rate"])
+
+
 def tokens_per_step(version: Path) -> int:
     """Training tokens per optimizer step from the run's resolved config.yaml: batch size x block
     size x batches accumulated per step x processes (devices as a count or a list, times nodes;
     1 for "auto")."""
-    config = yaml.safe_load((version / "config.yaml").read_text())
+    config = _config(version)
     trainer = config.get("trainer", {})
     devices = trainer.get("devices", 1)
     if isinstance(devices, list):

@@ -66,6 +66,7 @@ SLOT_LAYER_BAD_ARGUMENTS = (
     (dict(slots_per_expert=0), "slots_per_expert"),
     (dict(hidden_dim=-2), "hidden_dim"),
     (dict(activation="silu"), "activation"),
+    (dict(logit_scale_init=0), r"logit_scale_init must be a positive number, got 0"),
 )
 EXPERT = 2 * DIM * HIDDEN  # parameters of one GELU expert
 SLOTS = 6  # the Soft MoE family's instances: 3 experts x 2 slots

@@ -11,11 +11,12 @@ from .reference import expert_mlp
 
 SLOT_PARAMETERS = {"experts.w_in", "experts.w_out", "slot_embeddings", "scale"}
 FAMILY = {  # each layer, and the parameters it adds to the slot router's
-    "soft_moe": (lambda: SoftMoE(8, 16, 3, slots_per_expert=2), set()),
-    "cumulative": (lambda: CumulativeSoftMoE(8, 16, 3, slots_per_expert=2), set()),
-    "lagged_chunk": (lambda: LaggedChunkSoftMoE(8, 16, 3, slots_per_expert=2, chunk_size=4),
+    "soft_moe": (lambda **options: SoftMoE(8, 16, 3, slots_per_expert=2, **options), set()),
+    "cumulative": (lambda **options: CumulativeSoftMoE(8, 16, 3, slots_per_expert=2, **options), set()),
+    "lagged_chunk": (lambda **options: LaggedChunkSoftMoE(8, 16, 3, slots_per_expert=2, chunk_size=4, **options),
                      {"shared.w_in", "shared.w_out", "null_outputs"}),
-    "mixture_of_tokens": (lambda: MixtureOfTokens(8, 16, 3, slots_per_expert=2, group_size=2), set()),
+    "mixture_of_tokens": (lambda **options: MixtureOfTokens(8, 16, 3, slots_per_expert=2, group_size=2, **options),
+                          set()),
 }
 
 
@@ -26,6 +27,18 @@ def test_parameters_keep_their_checkpoint_names(name):
     assert set(layer.state_dict()) == SLOT_PARAMETERS | own
     assert layer.num_slots == 6 and layer.slot_embeddings.shape == (8, 6) and layer.scale.item() == 1
     assert "slot_embeddings" in layer.no_weight_decay
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_logit_scale_init_multiplies_the_initial_logits(name):
+    make, _ = FAMILY[name]
+    x = torch.randn(2, 4, 8)
+    torch.manual_seed(0)
+    plain = make()
+    torch.manual_seed(0)
+    sharp = make(logit_scale_init=16.0)
+    assert sharp.scale.item() == 16.0
+    torch.testing.assert_close(sharp.router_logits(x), 16 * plain.router_logits(x))
 
 
 def test_softmax_dispatch_leaves_padding_out_and_an_all_padding_set_empty():
