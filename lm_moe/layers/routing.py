@@ -15,21 +15,26 @@ from torch import nn
 from lm_moe.layers.numerics import entropy, masked_mean, routing_dtype
 
 ROUTER_INIT_STD = 0.02
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
 
 
 @dataclass
 class TopKRouting:
     logits: torch.Tensor  # [N, E] router logits (fp32 or wider)
-    probs: torch.Tensor  # [N, E] softmax over experts
+    probs: torch.Tensor  # [N, E] affinities as a distribution over experts: the softmax, or the sigmoid scores / their sum
     expert_index: torch.Tensor  # [N, k] chosen experts, best first
     weight: torch.Tensor  # [N, k] combine weights of the chosen experts
 
 
 class TopKRouter(nn.Module):
-    """Linear router, softmax over experts, then the top k (Switch / ST-MoE / Mixtral style).
+    """Linear router, a score per expert, then the top k (Switch / ST-MoE / Mixtral / DeepSeek-V3 style).
 
-    renormalize:  rescale the k chosen probabilities to sum to 1 (Mixtral); otherwise keep the
-                  raw softmax probabilities (Switch, ST-MoE).
+    score_function: "softmax" over the experts (Switch, Mixtral), or "sigmoid" of each logit on its
+                  own (DeepSeek-V3: an expert's affinity does not depend on the others'). The
+                  balancing loss and the entropy read the sigmoid scores normalised to sum 1 over
+                  the experts, as DeepSeek-V3's sequence-wise balance loss does.
+    renormalize:  rescale the k chosen scores to sum to 1 (Mixtral, DeepSeek-V3); otherwise keep
+                  the raw scores (Switch, ST-MoE).
     route_scale:  multiply the combine weights (never the probabilities the losses see) by this.
     jitter_noise: in training, multiply the router input by U(1 - eps, 1 + eps) (Switch).
     init_std:     the weight's initial N(0, init_std). The default 0.02 gives logits of std
@@ -40,8 +45,9 @@ class TopKRouter(nn.Module):
     """
 
     def __init__(self, dim: int, num_experts: int, top_k: int, renormalize: bool = True, jitter_noise: float = 0.0,
-                 route_scale: float = 1.0, init_std: float = ROUTER_INIT_STD):
+                 route_scale: float = 1.0, init_std: float = ROUTER_INIT_STD, score_function: str = "softmax"):
         super().__init__()
+        self.score_function = score_function
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         self.top_k = top_k
         self.renormalize = renormalize
@@ -59,8 +65,12 @@ class TopKRouter(nn.Module):
             # Experts-first layout: on CPU, softmax and top-k along the first dim of [E, N] run
             # about 10x faster than along a last dim of E (a handful of experts).
             logits = F.linear(x, self.weight.to(dtype)).t().contiguous()  # [E, N]
-            probs = logits.softmax(dim=0)  # [E, N]
-            weight, expert_index = probs.topk(self.top_k, dim=0)  # [k, N], [k, N]
+            if self.score_function == "softmax":
+                scores = probs = logits.softmax(dim=0)  # [E, N]
+            else:
+                scores = logits.sigmoid()  # [E, N]
+                probs = scores / scores.sum(dim=0, keepdim=True)  # [E, N]
+            weight, expert_index = scores.topk(self.top_k, dim=0)  # [k, N], [k, N]
             if self.renormalize:
                 weight = weight / weight.sum(dim=0, keepdim=True)
             if self.route_scale != 1:

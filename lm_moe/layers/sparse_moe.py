@@ -1,11 +1,13 @@
 """Sparse top-k Mixture of Experts (Switch / ST-MoE / Mixtral style), dropless by default."""
 
 import torch
+from torch import nn
 
 from lm_moe.argument_checks import (
     require_choice,
     require_fraction,
     require_non_negative_float,
+    require_non_negative_int,
     require_positive_float,
     require_positive_int,
 )
@@ -15,6 +17,7 @@ from lm_moe.layers.inputs import check_layer_input
 from lm_moe.layers.layer_output import LayerAux, deferred_stats
 from lm_moe.layers.routing import (
     ROUTER_INIT_STD,
+    SCORE_FUNCTIONS,
     TopKRouter,
     gshard_keep,
     load_balancing_loss,
@@ -71,6 +74,13 @@ class TopKMoE(FeedForwardLayer):
         replace. Scaled by k, the chosen experts weigh about 1 each, as the k slices of a dense
         MLP do in that MLP: at even weights, k experts holding its k slices compute it exactly.
     router_init_std: the router's initial N(0, std) (see `TopKRouter`).
+    score_function: "softmax" (the default) or "sigmoid" (DeepSeek-V3), see `TopKRouter`.
+    z_loss_weight: None = 0.001 with softmax scores, 0 with sigmoid ones (the z-loss keeps the
+        softmax's normaliser small; DeepSeek-V3's sigmoid router has none).
+    shared_hidden_dim: the width of a shared expert every token passes through, added to the
+        routed output (DeepSeekMoE, Qwen2-MoE); 0 = none. Several shared experts of one width are
+        one shared expert of their summed width.
+    shared_gate: scale the shared expert's output by sigmoid(w . x), one gate per token (Qwen2-MoE).
     aux.loss = load_balance_weight * Switch load-balancing loss + z_loss_weight * ST-MoE z-loss.
     """
 
@@ -84,14 +94,23 @@ class TopKMoE(FeedForwardLayer):
         activation: str = "gelu",
         renormalize: bool = True,
         load_balance_weight: float = 0.01,
-        z_loss_weight: float = 0.001,
+        z_loss_weight: float | None = None,
         jitter_noise: float = 0.0,
         capacity_priority: str = "position",
         capacity_group: str = "sequence",
         route_scale: float | None = None,
         router_init_std: float = ROUTER_INIT_STD,
+        score_function: str = "softmax",
+        shared_hidden_dim: int = 0,
+        shared_gate: bool = False,
     ):
         super().__init__()
+        require_choice("score_function", score_function, SCORE_FUNCTIONS)
+        if z_loss_weight is None:
+            z_loss_weight = 0.001 if score_function == "softmax" else 0.0
+        require_non_negative_int("shared_hidden_dim", shared_hidden_dim)
+        if shared_gate and not shared_hidden_dim:
+            raise ValueError("shared_gate=True gates a shared expert: give shared_hidden_dim > 0")
         require_positive_int("num_experts", num_experts)
         require_positive_int("top_k", top_k)
         if top_k > num_experts:
@@ -113,7 +132,10 @@ class TopKMoE(FeedForwardLayer):
             route_scale = top_k if renormalize else 1.0
         self.router = TopKRouter(dim, num_experts, top_k, renormalize, jitter_noise,
                                  require_positive_float("route_scale", route_scale),
-                                 require_positive_float("router_init_std", router_init_std))
+                                 require_positive_float("router_init_std", router_init_std), score_function)
+        # Built after the router: a seed draws the same experts and router with or without them.
+        self.shared = ExpertWeights(1, dim, shared_hidden_dim, activation) if shared_hidden_dim else None
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_gate else None
 
     @property
     def is_causal(self) -> bool:
@@ -127,8 +149,10 @@ class TopKMoE(FeedForwardLayer):
         return self.capacity_factor is None or self.capacity_group == "sequence"
 
     def parameter_macs_per_token(self) -> float:
-        """The router (D*E) and the top_k chosen experts."""
-        return self.router.weight.numel() + self.top_k * self.experts.parameters_per_expert
+        """The router (D*E), the top_k chosen experts, and the shared expert and its gate."""
+        shared = 0 if self.shared is None else self.shared.parameters_per_expert
+        gate = 0 if self.shared_gate is None else self.shared_gate.weight.numel()
+        return self.router.weight.numel() + self.top_k * self.experts.parameters_per_expert + shared + gate
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
         """`mask` [B, T] (True = real token): padding is routed nowhere and outputs 0."""
@@ -175,7 +199,9 @@ class TopKMoE(FeedForwardLayer):
         choice_out = _PermuteRows.apply(expert_out, inverse, order).view(B * T, k, D)  # [N, k, D]
         # Contiguous: CPU bmm over thousands of tiny matrices falls back to a loop on strided ones.
         gate = routing.weight.to(choice_out.dtype).contiguous().view(B * T, 1, k)  # [N, 1, k]
-        y = torch.bmm(gate, choice_out)  # [N, 1, D]
+        y = torch.bmm(gate, choice_out).view(B * T, D)  # [N, D]
+        if self.shared is not None:
+            y = y + self._shared_output(tokens, valid)
 
         # In training, data-parallel ranks balance the global batch together (see load_balancing_loss).
         balance = load_balancing_loss(routing, valid, global_batch=self.training)
@@ -185,6 +211,13 @@ class TopKMoE(FeedForwardLayer):
             stats=deferred_stats(self._stats, routing, rows_per_expert, valid, balance, z_loss),
         )
         return y.view(B, T, D), aux, served_after
+
+    def _shared_output(self, tokens: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """The shared expert on every token [N, D] -> [N, D], gated per token if asked, 0 on padding."""
+        out = self.shared.forward_batched(tokens.unsqueeze(0)).squeeze(0)  # [N, D]
+        if self.shared_gate is not None:
+            out = out * torch.sigmoid(self.shared_gate(tokens.to(out.dtype)))  # [N, D] * [N, 1]
+        return out if valid is None else out * valid.unsqueeze(-1)
 
     def _served_choices(self, expert_index, mask, start, served_before) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """([B, T, k] bool of the choices an expert serves, or None when all are: dropless without

@@ -97,6 +97,7 @@ LAYERS = {
             "capacity_0.5": dict(capacity_factor=0.5),
             "capacity_1": dict(capacity_factor=1.0),
             "batch_capacity": dict(capacity_factor=0.5, capacity_group="batch"),
+            "sigmoid_shared": dict(score_function="sigmoid", shared_hidden_dim=6, shared_gate=True),
         },
         decode_pieces=((11,), (4, 1, 1, 5), (1,) * 11, (3, 8)),
         count_stats=frozenset({"tokens_per_expert"}),
@@ -120,6 +121,9 @@ LAYERS = {
             (dict(capacity_group="image"), "capacity_group"),
             (dict(route_scale=0), r"route_scale must be a positive number, got 0"),
             (dict(router_init_std=-0.02), r"router_init_std must be a positive number, got -0.02"),
+            (dict(score_function="relu"), r"score_function must be one of \['sigmoid', 'softmax'\], got 'relu'"),
+            (dict(shared_hidden_dim=-1), "shared_hidden_dim"),
+            (dict(shared_gate=True), r"shared_gate=True gates a shared expert: give shared_hidden_dim > 0"),
         ),
     ),
     "soft_moe": RegisteredLayer(

@@ -21,9 +21,15 @@ def expert_mlp(experts, e: int, x: torch.Tensor) -> torch.Tensor:
 
 
 def topk_choices(moe, x: torch.Tensor):
-    """Router probabilities and the chosen (expert, weight) pairs of every token of x [B, T, D]."""
-    probs = torch.softmax(x @ moe.router.weight.T, dim=-1)  # [B, T, E]
-    weight, index = probs.topk(moe.top_k, dim=-1)
+    """Router affinities (a distribution over the experts) and the chosen (expert, weight) pairs of
+    every token of x [B, T, D]."""
+    logits = x @ moe.router.weight.T  # [B, T, E]
+    if moe.router.score_function == "softmax":
+        scores = probs = torch.softmax(logits, dim=-1)
+    else:  # each expert's sigmoid on its own; the distribution is their normalised values
+        scores = torch.sigmoid(logits)
+        probs = scores / scores.sum(-1, keepdim=True)
+    weight, index = scores.topk(moe.top_k, dim=-1)
     if moe.router.renormalize:
         weight = weight / weight.sum(-1, keepdim=True)
     return probs, index, weight * moe.router.route_scale
@@ -50,7 +56,7 @@ def capacity_kept(index: torch.Tensor, num_experts: int, capacity_factor: float 
 
 
 def topk_moe(moe, x: torch.Tensor) -> torch.Tensor:
-    """TopKMoE output, one token and one choice at a time."""
+    """TopKMoE output, one token and one choice at a time, plus the shared expert."""
     _, index, weight = topk_choices(moe, x)
     kept = capacity_kept(index, moe.num_experts, moe.capacity_factor)
     B, T, _ = x.shape
@@ -61,6 +67,9 @@ def topk_moe(moe, x: torch.Tensor) -> torch.Tensor:
             for j in range(moe.top_k):
                 if kept[b, t, j]:
                     out = out + weight[b, t, j] * expert_mlp(moe.experts, int(index[b, t, j]), x[b, t])
+            if moe.shared is not None:
+                gate = 1.0 if moe.shared_gate is None else torch.sigmoid(x[b, t] @ moe.shared_gate.weight[0])
+                out = out + gate * expert_mlp(moe.shared, 0, x[b, t])
             rows.append(out)
     return torch.stack(rows).view_as(x)
 

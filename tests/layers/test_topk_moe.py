@@ -35,6 +35,49 @@ def test_dropless_output_and_gradients_match_reference(activation, top_k, renorm
     assert_matches_reference(y, reference.topk_moe(moe, x), params, atol=1e-12)
 
 
+@pytest.mark.parametrize("options", [
+    dict(score_function="sigmoid"),
+    dict(score_function="sigmoid", renormalize=False),
+    dict(score_function="sigmoid", route_scale=2.5),
+    dict(shared_hidden_dim=6),
+    dict(shared_hidden_dim=6, shared_gate=True),
+    dict(score_function="sigmoid", shared_hidden_dim=5, shared_gate=True, capacity_factor=0.5),
+], ids=str)
+def test_sigmoid_scores_and_shared_experts_match_reference(options):
+    moe = make_moe(**options)
+    x = torch.randn(3, 7, 8, dtype=torch.float64, requires_grad=True)
+    y, _ = moe(x)
+    params = [x, moe.experts.w_in, moe.experts.w_out, moe.router.weight]
+    if moe.shared is not None:
+        params += [moe.shared.w_in, moe.shared.w_out]
+    if moe.shared_gate is not None:
+        params.append(moe.shared_gate.weight)
+    assert_matches_reference(y, reference.topk_moe(moe, x), params, atol=1e-12)
+
+
+def test_sigmoid_scores_balance_and_entropy_read_the_normalised_scores():
+    moe = make_moe(score_function="sigmoid")
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    probs, index, _ = reference.topk_choices(moe, x)
+    routing = moe.router(x.reshape(-1, 8))
+    torch.testing.assert_close(routing.probs, probs.reshape(-1, 4), rtol=0, atol=1e-12)
+    assert torch.equal(routing.expert_index, index.reshape(-1, 2))
+    share = torch.bincount(index.reshape(-1), minlength=4).double() / index.numel()
+    expected = 4 * (share * probs.reshape(-1, 4).mean(0)).sum()
+    torch.testing.assert_close(load_balancing_loss(routing), expected, rtol=0, atol=1e-12)
+    assert moe.z_loss_weight == 0 and make_moe().z_loss_weight == 0.001  # z-loss: softmax routers only, unless set
+
+
+def test_the_shared_expert_leaves_the_routing_draws_unchanged():
+    torch.manual_seed(0)
+    plain = make_moe()
+    torch.manual_seed(0)
+    shared = make_moe(shared_hidden_dim=6, shared_gate=True)
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(tensor, shared.state_dict()[name]), name
+    assert shared.parameter_macs_per_token() == plain.parameter_macs_per_token() + 2 * 8 * 6 + 8
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dim, hidden_dim, activation", [(30, 32, "gelu"), (32, 33, "gelu"), (36, 20, "swiglu")])
 def test_widths_the_grouped_kernel_cannot_stride_run_expert_by_expert(dtype, dim, hidden_dim, activation):
