@@ -28,6 +28,7 @@ class FeedForwardLayer(nn.Module):
     structure_lengths: the lengths of the blocks of time the layer works in.
     batch_multiple: what the batch size must be a multiple of.
     parameter_macs_per_token: the layer's cost, as the profiler counts it.
+    before_optimizer_step: what the layer does once per optimizer step (loss-free balancing).
     The stats in `LayerAux.stats` declare by their dtype how data-parallel ranks combine them.
     """
 
@@ -83,6 +84,13 @@ class FeedForwardLayer(nn.Module):
         counts it (a dense layer's parameter count; for a sparse or pooled layer, the parameters
         its tokens use, in the share they use them)."""
         raise NotImplementedError(f"{type(self).__name__} must define parameter_macs_per_token() to be costed")
+
+
+    def before_optimizer_step(self) -> None:
+        """Called by the training loop once per optimizer step, on every data-parallel rank, after
+        the backward passes of all its micro-batches and before the optimizer steps: the place for
+        state that follows the whole step rather than one forward (loss-free balancing's expert
+        bias). Nothing by default."""
 
 
 def feed_forward_layers(module: nn.Module) -> list[FeedForwardLayer]:

@@ -8,7 +8,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -55,8 +54,9 @@ class TopKRouter(nn.Module):
         self.route_scale = route_scale
         nn.init.normal_(self.weight, std=init_std)
 
-    def forward(self, x: torch.Tensor) -> TopKRouting:
-        """x [N, D] -> routing of each of the N tokens."""
+    def forward(self, x: torch.Tensor, selection_bias: torch.Tensor | None = None) -> TopKRouting:
+        """x [N, D] -> routing of each of the N tokens. `selection_bias` [E] (loss-free balancing)
+        is added to the scores to pick the top k only: the combine weights are the unbiased scores."""
         dtype = routing_dtype(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.to(dtype)
@@ -70,7 +70,11 @@ class TopKRouter(nn.Module):
             else:
                 scores = logits.sigmoid()  # [E, N]
                 probs = scores / scores.sum(dim=0, keepdim=True)  # [E, N]
-            weight, expert_index = scores.topk(self.top_k, dim=0)  # [k, N], [k, N]
+            if selection_bias is None:
+                weight, expert_index = scores.topk(self.top_k, dim=0)  # [k, N], [k, N]
+            else:
+                expert_index = (scores + selection_bias.to(dtype).unsqueeze(1)).topk(self.top_k, dim=0).indices  # [k, N]
+                weight = scores.gather(0, expert_index)  # [k, N]
             if self.renormalize:
                 weight = weight / weight.sum(dim=0, keepdim=True)
             if self.route_scale != 1:
@@ -79,26 +83,49 @@ class TopKRouter(nn.Module):
 
 
 def load_balancing_loss(
-    routing: TopKRouting, valid: torch.Tensor | None = None, global_batch: bool = False
+    routing: TopKRouting, valid: torch.Tensor | None = None, share_of_choices: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Switch Transformer loss `E * sum_e f_e * P_e`, with f_e the share of all N*k routing
-    choices that picked expert e and P_e the mean router probability of e.
+    """Switch Transformer loss `E * sum_e f_e * P_e`, with f_e the share of the routing choices
+    that picked expert e and P_e the mean router probability of e over these tokens.
 
-    Counting choices over N*k (not tokens over N) makes a perfectly balanced router score exactly 1
-    for every k. Choices are counted before any capacity drop, as in Switch.
-
-    global_batch: under torch.distributed, average f over all ranks first (f carries no gradient).
-    Data-parallel training then balances the global batch, and its averaged gradient is exactly
-    the gradient of this loss on the whole global batch (equal shards), not a mean of per-shard
-    losses.
+    f_e counts choices over N*k (not tokens over N), so a perfectly balanced router scores exactly
+    1 for every k, before any capacity drop, as in Switch. By default f counts these tokens'
+    choices; `share_of_choices` [E] gives it counted over a wider scope (the global batch), and
+    carries no gradient either way.
     """
     num_experts = routing.probs.shape[-1]
-    share_of_choices = choice_share(routing.expert_index, valid, num_experts, routing.probs.dtype)  # [E]
-    if global_batch and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(share_of_choices)  # a sum over ranks; no gradient flows through f
-        share_of_choices = share_of_choices / dist.get_world_size()
+    if share_of_choices is None:
+        share_of_choices = choice_share(routing.expert_index, valid, num_experts, routing.probs.dtype)  # [E]
     mean_prob = masked_mean(routing.probs, valid)  # [E]
     return num_experts * (share_of_choices * mean_prob).sum()
+
+
+def sequence_balancing_loss(routing: TopKRouting, valid: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """The Switch loss of each of the `batch` sequences (the N tokens in rows of N / batch), then
+    their mean over the sequences with a real token: DeepSeek-V3's sequence-wise balance loss."""
+    num_experts = routing.probs.shape[-1]
+    index = routing.expert_index.reshape(batch, -1)  # [B, T*k]
+    rows_valid = torch.ones(routing.probs.shape[0], dtype=torch.bool, device=index.device) if valid is None else valid
+    rows_valid = rows_valid.view(batch, -1)  # [B, T]
+    weight = rows_valid.to(routing.probs.dtype).repeat_interleave(routing.expert_index.shape[-1], dim=1)  # [B, T*k]
+    counts = weight.new_zeros(batch, num_experts).scatter_add_(1, index, weight)  # [B, E]
+    share = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)  # [B, E]
+    probs = routing.probs.view(batch, -1, num_experts) * rows_valid.unsqueeze(-1)  # [B, T, E]
+    mean_prob = probs.sum(dim=1) / rows_valid.sum(dim=1, keepdim=True).clamp_min(1)  # [B, E]
+    per_sequence = num_experts * (share * mean_prob).sum(dim=1)  # [B]
+    has_tokens = rows_valid.any(dim=1)  # [B]
+    return (per_sequence * has_tokens).sum() / has_tokens.sum().clamp_min(1)
+
+
+def choice_counts(
+    expert_index: torch.Tensor, valid: torch.Tensor | None, num_experts: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """How many of the routing choices expert_index [N, k] of the valid [N] tokens went to each
+    expert: [E] in `dtype`."""
+    weight = torch.ones_like(expert_index, dtype=dtype)  # [N, k]
+    if valid is not None:
+        weight = weight * valid.unsqueeze(-1)
+    return weight.new_zeros(num_experts).scatter_add_(0, expert_index.reshape(-1), weight.reshape(-1))  # [E]
 
 
 def choice_share(
@@ -106,11 +133,8 @@ def choice_share(
 ) -> torch.Tensor:
     """The share of the routing choices expert_index [N, k] of the valid [N] tokens that went to
     each expert: [E] in `dtype`, sums to 1 (0 everywhere when no token is valid)."""
-    weight = torch.ones_like(expert_index, dtype=dtype)  # [N, k]
-    if valid is not None:
-        weight = weight * valid.unsqueeze(-1)
-    counts = weight.new_zeros(num_experts).scatter_add_(0, expert_index.reshape(-1), weight.reshape(-1))  # [E]
-    return counts / weight.sum().clamp_min(1)
+    counts = choice_counts(expert_index, valid, num_experts, dtype)  # [E]
+    return counts / counts.sum().clamp_min(1)
 
 
 def router_z_loss(routing: TopKRouting, valid: torch.Tensor | None = None) -> torch.Tensor:

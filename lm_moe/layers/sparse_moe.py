@@ -1,6 +1,7 @@
 """Sparse top-k Mixture of Experts (Switch / ST-MoE / Mixtral style), dropless by default."""
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from lm_moe.argument_checks import (
@@ -19,12 +20,14 @@ from lm_moe.layers.routing import (
     ROUTER_INIT_STD,
     SCORE_FUNCTIONS,
     TopKRouter,
+    choice_counts,
     gshard_keep,
     load_balancing_loss,
     position_priority_keep,
     prefix_capacity,
     router_entropy,
     router_z_loss,
+    sequence_balancing_loss,
 )
 
 
@@ -45,6 +48,8 @@ class _PermuteRows(torch.autograd.Function):
 
 CAPACITY_PRIORITIES = ("position", "gshard")
 CAPACITY_GROUPS = ("sequence", "batch")
+BALANCES = ("aux_loss", "loss_free", "none")
+BALANCE_SCOPES = ("global_batch", "micro_batch", "sequence")
 
 
 class TopKMoE(FeedForwardLayer):
@@ -81,7 +86,28 @@ class TopKMoE(FeedForwardLayer):
         routed output (DeepSeekMoE, Qwen2-MoE); 0 = none. Several shared experts of one width are
         one shared expert of their summed width.
     shared_gate: scale the shared expert's output by sigmoid(w . x), one gate per token (Qwen2-MoE).
-    aux.loss = load_balance_weight * Switch load-balancing loss + z_loss_weight * ST-MoE z-loss.
+    balance: how the experts are kept in use.
+        "aux_loss": the Switch balancing loss, weighted by load_balance_weight (None = 0.01).
+        "loss_free": auxiliary-loss-free balancing (Wang et al. 2024, DeepSeek-V3): a per-expert
+            bias, a buffer saved in checkpoints, is added to the scores to pick the top k (never
+            to the combine weights), and after each optimizer step moves by
+            bias_update_rate * sign(mean load - load of the expert), the loads counted over the
+            whole step: every micro-batch and every data-parallel rank, so that the bias stays
+            the same on every rank. load_balance_weight (None = 0) may add the balancing loss
+            beside it: DeepSeek-V3's small complementary loss, with balance_scope="sequence".
+        "none": neither (load_balance_weight must be 0 or None).
+    balance_scope: the tokens the balancing loss's expert shares f_e are counted over.
+        "global_batch" (the default): every data-parallel rank's tokens, and, under gradient
+            accumulation, the micro-batches of the optimizer step so far (the running count: the
+            step's last micro-batch sees the whole step's shares; with one micro-batch per step,
+            the loss and its gradient are exactly those of the global batch; Qiu et al. 2025).
+        "micro_batch": this rank's micro-batch only (Switch).
+        "sequence": each sequence on its own, then the mean over sequences (DeepSeek-V3).
+        In evaluation the shares are always those of the batch at hand.
+    aux.loss = load_balance_weight * balancing loss + z_loss_weight * ST-MoE z-loss.
+
+    A training loop calls `before_optimizer_step()` once per optimizer step (the Lightning
+    modules do): it updates the loss-free bias and starts the next step's counts.
     """
 
     def __init__(
@@ -93,7 +119,7 @@ class TopKMoE(FeedForwardLayer):
         capacity_factor: float | None = None,
         activation: str = "gelu",
         renormalize: bool = True,
-        load_balance_weight: float = 0.01,
+        load_balance_weight: float | None = None,
         z_loss_weight: float | None = None,
         jitter_noise: float = 0.0,
         capacity_priority: str = "position",
@@ -103,11 +129,21 @@ class TopKMoE(FeedForwardLayer):
         score_function: str = "softmax",
         shared_hidden_dim: int = 0,
         shared_gate: bool = False,
+        balance: str = "aux_loss",
+        balance_scope: str = "global_batch",
+        bias_update_rate: float = 0.001,
     ):
         super().__init__()
         require_choice("score_function", score_function, SCORE_FUNCTIONS)
+        require_choice("balance", balance, BALANCES)
+        require_choice("balance_scope", balance_scope, BALANCE_SCOPES)
         if z_loss_weight is None:
             z_loss_weight = 0.001 if score_function == "softmax" else 0.0
+        if load_balance_weight is None:
+            load_balance_weight = 0.01 if balance == "aux_loss" else 0.0
+        if balance == "none" and load_balance_weight:
+            raise ValueError(f"balance='none' uses no balancing loss, but load_balance_weight={load_balance_weight!r}: "
+                             "set it to 0, or balance='aux_loss' (the loss) or 'loss_free' (the bias, and the loss beside it)")
         require_non_negative_int("shared_hidden_dim", shared_hidden_dim)
         if shared_gate and not shared_hidden_dim:
             raise ValueError("shared_gate=True gates a shared expert: give shared_hidden_dim > 0")
@@ -136,6 +172,16 @@ class TopKMoE(FeedForwardLayer):
         # Built after the router: a seed draws the same experts and router with or without them.
         self.shared = ExpertWeights(1, dim, shared_hidden_dim, activation) if shared_hidden_dim else None
         self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_gate else None
+        self.balance = balance
+        self.balance_scope = balance_scope
+        self.bias_update_rate = require_positive_float("bias_update_rate", bias_update_rate)
+        if balance == "loss_free":
+            self.register_buffer("expert_bias", torch.zeros(num_experts))  # [E], saved in checkpoints
+        else:
+            self.expert_bias = None
+        # The routing choices of this optimizer step so far, summed over ranks: [E] or None. A plain
+        # attribute, not a buffer: DDP would overwrite every rank's counts with rank 0's.
+        self._step_counts: torch.Tensor | None = None
 
     @property
     def is_causal(self) -> bool:
@@ -178,7 +224,7 @@ class TopKMoE(FeedForwardLayer):
         k, E = self.top_k, self.num_experts
         tokens = x.reshape(B * T, D)  # [N, D]
         valid = None if mask is None else mask.reshape(B * T)  # [N]
-        routing = self.router(tokens)
+        routing = self.router(tokens, self.expert_bias)
 
         served, served_after = self._served_choices(routing.expert_index.reshape(B, T, k), mask, start, served_before)
         # Sort the N*k choices by expert; choices not served get the sentinel E and sort last.
@@ -203,14 +249,36 @@ class TopKMoE(FeedForwardLayer):
         if self.shared is not None:
             y = y + self._shared_output(tokens, valid)
 
-        # In training, data-parallel ranks balance the global batch together (see load_balancing_loss).
-        balance = load_balancing_loss(routing, valid, global_batch=self.training)
+        balance = self._balancing_loss(routing, valid, B)
         z_loss = router_z_loss(routing, valid)
         aux = LayerAux(
             loss=self.load_balance_weight * balance + self.z_loss_weight * z_loss,
             stats=deferred_stats(self._stats, routing, rows_per_expert, valid, balance, z_loss),
         )
         return y.view(B, T, D), aux, served_after
+
+    def _balancing_loss(self, routing, valid: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """The balancing loss over `balance_scope`; in training, also counts the step's choices
+        where the scope or the loss-free bias needs them."""
+        share = None
+        if self.training and (self.balance == "loss_free" or self.balance_scope == "global_batch"):
+            counts = choice_counts(routing.expert_index, valid, self.num_experts, routing.probs.dtype).detach()  # [E]
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(counts)  # every rank's choices
+            self._step_counts = counts if self._step_counts is None else self._step_counts + counts
+            if self.balance_scope == "global_batch":
+                share = self._step_counts / self._step_counts.sum().clamp_min(1)  # [E]
+        if self.balance_scope == "sequence":
+            return sequence_balancing_loss(routing, valid, batch)
+        return load_balancing_loss(routing, valid, share)
+
+    def before_optimizer_step(self) -> None:
+        """The loss-free bias update from the step's counts (the same on every rank: the counts
+        are summed over ranks); then the next step counts from zero."""
+        counts, self._step_counts = self._step_counts, None
+        if self.expert_bias is not None and counts is not None:
+            with torch.no_grad():
+                self.expert_bias += self.bias_update_rate * torch.sign(counts.mean() - counts).to(self.expert_bias.dtype)
 
     def _shared_output(self, tokens: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
         """The shared expert on every token [N, D] -> [N, D], gated per token if asked, 0 on padding."""
@@ -253,4 +321,8 @@ class TopKMoE(FeedForwardLayer):
             "router_entropy": router_entropy(routing, valid),
             "load_balance_loss": balance.detach(),
             "router_z_loss": z_loss.detach(),
+            **({} if self.expert_bias is None else {
+                "expert_bias": self.expert_bias.detach().float(),
+                "expert_bias_range": (self.expert_bias.max() - self.expert_bias.min()).detach().float(),
+            }),
         }

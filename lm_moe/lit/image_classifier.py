@@ -8,6 +8,7 @@ from matplotlib.figure import Figure
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from lm_moe.argument_checks import require_fraction, require_non_negative_int
+from lm_moe.layers.feed_forward_layer import feed_forward_layers
 from lm_moe.lit.checkpoints import require_matching_state
 from lm_moe.lit.moe_metrics import log_moe_stats
 from lm_moe.lit.optim import check_adamw_settings, configure_adamw
@@ -116,6 +117,11 @@ class ImageClassifier(pl.LightningModule):
         values = {f"{stage}/{name}": value for name, value in metrics.compute().items()}
         metrics.reset()
         return values
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Once per optimizer step, after all its micro-batches: the layers' per-step updates."""
+        for layer in feed_forward_layers(self.model):
+            layer.before_optimizer_step()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Before Lightning loads the weights: a clear error instead of a wall of missing keys.

@@ -9,6 +9,7 @@ import torchmetrics
 
 from lm_moe.argument_checks import require_non_negative_int, require_positive_int
 from lm_moe.layers.batch_groups import fill_groups, required_batch_multiple
+from lm_moe.layers.feed_forward_layer import feed_forward_layers
 from lm_moe.lit.checkpoints import require_matching_state
 from lm_moe.lit.moe_metrics import log_moe_stats
 from lm_moe.lit.optim import check_adamw_settings, configure_adamw
@@ -122,6 +123,11 @@ class LanguageModel(pl.LightningModule):
         loss = metric.compute()
         metric.reset()
         return {f"{stage}/loss": loss, f"{stage}/ppl": torch.exp(loss)}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Once per optimizer step, after all its micro-batches: the layers' per-step updates."""
+        for layer in feed_forward_layers(self.model):
+            layer.before_optimizer_step()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Before Lightning loads the weights: a clear error instead of a wall of missing keys.

@@ -29,7 +29,9 @@ def topk_choices(moe, x: torch.Tensor):
     else:  # each expert's sigmoid on its own; the distribution is their normalised values
         scores = torch.sigmoid(logits)
         probs = scores / scores.sum(-1, keepdim=True)
-    weight, index = scores.topk(moe.top_k, dim=-1)
+    bias = 0 if moe.expert_bias is None else moe.expert_bias  # picks the experts, never weighs them
+    index = (scores + bias).topk(moe.top_k, dim=-1).indices
+    weight = scores.gather(-1, index)
     if moe.router.renormalize:
         weight = weight / weight.sum(-1, keepdim=True)
     return probs, index, weight * moe.router.route_scale

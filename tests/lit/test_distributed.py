@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lm_moe import cli
+from lm_moe.layers.feed_forward_layer import feed_forward_layers
 from lm_moe.lit.checkpoints import read_checkpoint
 from lm_moe.lit.safe_loading import foreign_callables
 
@@ -100,8 +101,20 @@ def _ddp_backward(rank: int, world_size: int, config: str, state: dict, ids: tor
     # backward pass, whose hooks it owns.
     ddp = DistributedDataParallel(_LossOf(model))
     ddp(shard).backward()
+    _end_step(model)
     if rank == 0:
-        torch.save({name: p.grad for name, p in model.named_parameters()}, out_file)
+        torch.save({**{name: p.grad for name, p in model.named_parameters()}, **_biases(model)}, out_file)
+
+
+def _end_step(model) -> None:
+    """What the training loop does once per optimizer step (the loss-free bias update)."""
+    for layer in feed_forward_layers(model):
+        layer.before_optimizer_step()
+
+
+def _biases(model) -> dict:
+    """The loss-free balancing biases, by buffer name (none for the other layers)."""
+    return {name: buffer.clone() for name, buffer in model.named_buffers() if name.endswith("expert_bias")}
 
 
 def _tiny_model(config: str):
@@ -124,8 +137,9 @@ def _loss(model, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output.logits.flatten(0, 1), ids[:, 1:].flatten()) + output.aux_loss
 
 
-@pytest.mark.parametrize("config", ["top2", "mixture_of_tokens", "lagged_chunk"])
+@pytest.mark.parametrize("config", ["top2", "top2_loss_free", "fine_grained", "mixture_of_tokens", "lagged_chunk"])
 def test_ddp_gradient_equals_the_single_process_gradient_of_the_global_batch(config, tmp_path):
+    # And the loss-free bias, updated from every rank's choices, equals the single-process update.
     ids = torch.randint(0, 300, (8, 33), generator=torch.Generator().manual_seed(1))  # global batch
     out_file = str(tmp_path / "ddp_grads.pt")
     model = _tiny_model(config)
@@ -133,8 +147,14 @@ def test_ddp_gradient_equals_the_single_process_gradient_of_the_global_batch(con
     ddp_grads = torch.load(out_file)
 
     _loss(model, ids).backward()
+    _end_step(model)
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(ddp_grads[name], parameter.grad, rtol=1e-9, atol=1e-12, msg=name)
+    biases = _biases(model)
+    assert len(biases) == (2 if config == "top2_loss_free" else 0)
+    for name, bias in biases.items():
+        assert bias.abs().sum() > 0, "the step must move the bias to test it"
+        torch.testing.assert_close(ddp_grads[name], bias, rtol=0, atol=0, msg=name)
 
 
 TRAINER_PRESETS = sorted((REPO / "configs/trainer").glob("*.yaml"))

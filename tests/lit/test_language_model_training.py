@@ -127,3 +127,20 @@ def test_unigram_baseline_is_measured_on_the_batches_val_loss_covers(tmp_path, m
     assert len(data.val_set) > 8  # the whole split would give another number
     logged = scalars(Path(run.trainer.logger.log_dir))["val/unigram_baseline"]
     assert logged == [pytest.approx(expected, rel=1e-6)]
+
+
+def test_the_loss_free_bias_moves_once_per_optimizer_step_and_is_checkpointed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = fit(REPO / "configs/lm/top2_loss_free.yaml", tmp_path / "cache", "--trainer.accumulate_grad_batches=2",
+              "--model.ffn.init_args.bias_update_rate=0.01")
+    assert run.trainer.global_step == 4  # 4 optimizer steps of 2 micro-batches each
+    run_dir = Path(run.trainer.logger.log_dir)
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    biases = torch.stack([state[f"model.blocks.{block}.ffn.expert_bias"] for block in (0, 1)])  # [2, E]
+    steps = biases / 0.01  # each update moves an expert by +-0.01 (0 on a tie with the mean)
+    torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-4)
+    assert steps.abs().max() <= 4 and steps.abs().sum() > 0  # at most one update per optimizer step
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    assert "moe/block_0/expert_bias_range" in events.Tags()["scalars"]
+    assert "moe/block_0/expert_bias" in events.Tags()["histograms"]
