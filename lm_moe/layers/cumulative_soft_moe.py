@@ -76,12 +76,13 @@ class CumulativeSoftMoE(SlotRoutedLayer):
         num_experts: int,
         slots_per_expert: int = 1,
         activation: str = "gelu",
-        logit_scale_init: float = 1.0,
+        logit_scale_init: float | None = None,
+        expert_dropout: float = 0.0,
         decay: float | None = None,
     ):
         if decay is not None and require_positive_float("decay", decay) >= 1:
             raise ValueError(f"decay must be in (0, 1) or None, got {decay!r}")
-        super().__init__(ExpertWeights(num_experts, dim, hidden_dim, activation), slots_per_expert, logit_scale_init)
+        super().__init__(ExpertWeights(num_experts, dim, hidden_dim, activation, dropout=expert_dropout), slots_per_expert, logit_scale_init)
         self.decay = None if decay is None else float(decay)
 
     def parameter_macs_per_token(self) -> float:

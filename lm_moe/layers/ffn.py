@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm_moe.argument_checks import require_choice, require_positive_int
+from lm_moe.argument_checks import require_choice, require_fraction, require_positive_int
 from lm_moe.layers.feed_forward_layer import FeedForwardLayer
 from lm_moe.layers.inputs import check_layer_input
 from lm_moe.layers.layer_output import LayerAux
@@ -74,11 +74,16 @@ class ExpertWeights(nn.Module):
         models' inits). A layer that runs a convex mix of its experts' weights sets sqrt(E): the
         mix of E independent draws shrinks by sqrt(E) at even weights, and so starts at the scale
         of one FFN instead of 1/sqrt(E) of it (for both matrices: 1/E of the output).
+    dropout: in training, dropout on the hidden activations (the MoE layers' `expert_dropout`:
+        sparse models overfit sooner than dense ones, and ST-MoE drops more inside the experts
+        than elsewhere).
     """
 
-    def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "gelu", init_scale: float = 1.0):
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "gelu", init_scale: float = 1.0,
+                 dropout: float = 0.0):
         super().__init__()
         self.init_scale = init_scale
+        self.dropout = require_fraction("expert_dropout", dropout)
         self.num_experts = require_positive_int("num_experts", num_experts)
         self.dim = require_positive_int("dim", dim)
         self.hidden_dim = require_positive_int("hidden_dim", hidden_dim)
@@ -101,11 +106,13 @@ class ExpertWeights(nn.Module):
             nn.init.uniform_(weight, -bound, bound)
 
     def activate(self, h: torch.Tensor) -> torch.Tensor:
-        """The nonlinearity between w_in and w_out: h [..., H or 2H] -> [..., H]."""
+        """The nonlinearity between w_in and w_out, then the dropout: h [..., H or 2H] -> [..., H]."""
         if self.activation == "swiglu":
             gate, up = h.chunk(2, dim=-1)
-            return F.silu(gate) * up
-        return F.gelu(h)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h)
+        return F.dropout(h, self.dropout, self.training) if self.dropout else h
 
     def forward_batched(self, x: torch.Tensor) -> torch.Tensor:
         """Expert e on its own rows: x [E, n, D] -> [E, n, D]."""

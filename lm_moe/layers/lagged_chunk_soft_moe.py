@@ -83,16 +83,17 @@ class LaggedChunkSoftMoE(SlotRoutedLayer):
         summary: str = "prefix",
         shared_hidden_dim: int | None = None,
         activation: str = "gelu",
-        logit_scale_init: float = 1.0,
+        logit_scale_init: float | None = None,
+        expert_dropout: float = 0.0,
     ):
         chunk_size = require_positive_int("chunk_size", chunk_size)
         require_choice("summary", summary, SUMMARIES)
         if shared_hidden_dim is None:
             shared_hidden_dim = hidden_dim
         require_positive_int("shared_hidden_dim", shared_hidden_dim)
-        experts = ExpertWeights(num_experts, dim, hidden_dim, activation)
+        experts = ExpertWeights(num_experts, dim, hidden_dim, activation, dropout=expert_dropout)
         # Built before the slots, as the experts are: the order fixes what a seed draws for each.
-        shared = ExpertWeights(1, dim, shared_hidden_dim, activation)
+        shared = ExpertWeights(1, dim, shared_hidden_dim, activation, dropout=expert_dropout)
         super().__init__(experts, slots_per_expert, logit_scale_init)
         self.chunk_size = chunk_size
         self.summary = summary

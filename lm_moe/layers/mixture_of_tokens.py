@@ -61,10 +61,11 @@ class MixtureOfTokens(SlotRoutedLayer):
         slots_per_expert: int = 1,
         group_size: int = 4,
         activation: str = "gelu",
-        logit_scale_init: float = 1.0,
+        logit_scale_init: float | None = None,
+        expert_dropout: float = 0.0,
     ):
         group_size = require_positive_int("group_size", group_size)
-        super().__init__(ExpertWeights(num_experts, dim, hidden_dim, activation), slots_per_expert, logit_scale_init)
+        super().__init__(ExpertWeights(num_experts, dim, hidden_dim, activation, dropout=expert_dropout), slots_per_expert, logit_scale_init)
         self.group_size = group_size
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:

@@ -78,6 +78,7 @@ class SegmentMergedMoE(FeedForwardLayer):
     aux.stats: routing_entropy (mean over segments of the entropy of r^k; ln E = uniform merge),
     expert_weights [E] (mean routing weight of each expert) and expert_weight_spread (its
     coefficient of variation: 0 = every expert used equally).
+    expert_dropout: in training, dropout on the merged FFN's hidden activations (see `ExpertWeights`).
     """
 
     def __init__(
@@ -88,6 +89,7 @@ class SegmentMergedMoE(FeedForwardLayer):
         segment_size: int = 32,
         first_segment: str = "prior",
         activation: str = "gelu",
+        expert_dropout: float = 0.0,
     ):
         super().__init__()
         self.num_experts = require_positive_int("num_experts", num_experts)
@@ -97,7 +99,8 @@ class SegmentMergedMoE(FeedForwardLayer):
         # The merged FFN is a convex mix of the experts' weights: drawn sqrt(E) larger, the mix
         # starts at one FFN's scale (1/E of its output otherwise; 0.32 nats at 300 steps,
         # docs/moe_baseline.md).
-        self.experts = ExpertWeights(num_experts, dim, hidden_dim, activation, init_scale=math.sqrt(num_experts))
+        self.experts = ExpertWeights(num_experts, dim, hidden_dim, activation, init_scale=math.sqrt(num_experts),
+                                     dropout=expert_dropout)
         self.router_weight = nn.Parameter(torch.randn(num_experts, dim) * dim**-0.5)  # W_r [E, D]
         if first_segment == "prior":
             self.prior_logits = nn.Parameter(torch.zeros(num_experts))  # [E], uniform merge at init

@@ -10,8 +10,9 @@ Notation: D width, E experts, P slots per expert, S = E*P slots; slot s belongs 
                  (Soft MoE: the sequence; Mixture of Tokens: the group at one position)
               or w = exp(L - |scale|), in (0, 1]                       summed over the pools of the causal variants
 
-Inputs and slot parameters are L2-normalised for the logits, with one learned scale (init 1), as
-in the official Soft MoE implementation; the un-normalised inputs are dispatched. The logits are
+Inputs and slot parameters are L2-normalised for the logits, with one learned scale, as in the
+official Soft MoE implementation (which starts it at 1; here it starts at sqrt(D), see
+`SlotRoutedLayer`); the un-normalised inputs are dispatched. The logits are
 fp32 or wider, also under autocast.
 """
 
@@ -84,7 +85,19 @@ def combine_stats(logits: torch.Tensor, combine: torch.Tensor, valid: torch.Tens
 
 class SlotRoutedLayer(FeedForwardLayer):
     """A layer of the Soft MoE family: E experts, P slots each, and the slot router's parameters,
-    phi [D, S] (`slot_embeddings`, N(0, 1/D) columns, of norm about 1) and `scale` (init 1).
+    phi [D, S] (`slot_embeddings`, N(0, 1/D) columns, of norm about 1) and `scale`.
+
+    Every layer of the family also takes `expert_dropout`: dropout on its experts' hidden
+    activations in training (see `ExpertWeights`).
+
+    logit_scale_init: the scale's initial value; None = sqrt(D). The cosine of two random
+    D-vectors has a spread of 1/sqrt(D), so a scale of 1 starts the logits at a spread of
+    1/sqrt(D) (0.06 at D = 256): every combine and dispatch softmax almost uniform, every slot
+    nearly the same mean of its tokens, and the learned scale grows too slowly (a few 1e-3 per
+    Adam step) to leave that state within a short run. sqrt(D) starts the logits at a spread of
+    about 1, that of the un-normalised product x . phi on a normalised input. On the LM
+    variants that pool tokens into slots, this takes 0.18 nats off at 300 steps
+    (docs/moe_baseline.md).
 
     The experts come built, so that a layer that builds more modules (a shared expert) can draw
     their initial values before the slots draw theirs.
@@ -92,7 +105,7 @@ class SlotRoutedLayer(FeedForwardLayer):
 
     no_weight_decay = ("slot_embeddings",)  # normalised before use (see adamw_param_groups)
 
-    def __init__(self, experts: ExpertWeights, slots_per_expert: int, logit_scale_init: float = 1.0):
+    def __init__(self, experts: ExpertWeights, slots_per_expert: int, logit_scale_init: float | None = None):
         super().__init__()
         self.num_experts = experts.num_experts
         self.slots_per_expert = require_positive_int("slots_per_expert", slots_per_expert)
@@ -100,6 +113,8 @@ class SlotRoutedLayer(FeedForwardLayer):
         self.experts = experts
         dim = experts.dim
         self.slot_embeddings = nn.Parameter(torch.randn(dim, self.num_slots) * dim**-0.5)  # phi [D, S]
+        if logit_scale_init is None:
+            logit_scale_init = dim**0.5
         self.scale = nn.Parameter(torch.tensor(require_positive_float("logit_scale_init", logit_scale_init)))
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:

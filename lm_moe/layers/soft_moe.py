@@ -40,9 +40,10 @@ class SoftMoE(SlotRoutedLayer):
         num_experts: int,
         slots_per_expert: int = 1,
         activation: str = "gelu",
-        logit_scale_init: float = 1.0,
+        logit_scale_init: float | None = None,
+        expert_dropout: float = 0.0,
     ):
-        super().__init__(ExpertWeights(num_experts, dim, hidden_dim, activation), slots_per_expert, logit_scale_init)
+        super().__init__(ExpertWeights(num_experts, dim, hidden_dim, activation, dropout=expert_dropout), slots_per_expert, logit_scale_init)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
         check_layer_input(x, mask, self.experts.dim)

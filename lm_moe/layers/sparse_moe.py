@@ -12,6 +12,7 @@ from lm_moe.argument_checks import (
     require_positive_float,
     require_positive_int,
 )
+from lm_moe.layers.expert_dispatch import run_choices
 from lm_moe.layers.feed_forward_layer import FeedForwardLayer
 from lm_moe.layers.ffn import ExpertWeights
 from lm_moe.layers.inputs import check_layer_input
@@ -29,21 +30,6 @@ from lm_moe.layers.routing import (
     router_z_loss,
     sequence_balancing_loss,
 )
-
-
-class _PermuteRows(torch.autograd.Function):
-    """x.index_select(0, perm) for a permutation `perm` with inverse `inverse`. Its backward is
-    the gather by `inverse`, where autograd would scatter-add (slower: it zero-fills, then adds)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, perm)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
 
 
 CAPACITY_PRIORITIES = ("position", "gshard")
@@ -86,6 +72,8 @@ class TopKMoE(FeedForwardLayer):
         routed output (DeepSeekMoE, Qwen2-MoE); 0 = none. Several shared experts of one width are
         one shared expert of their summed width.
     shared_gate: scale the shared expert's output by sigmoid(w . x), one gate per token (Qwen2-MoE).
+    expert_dropout: in training, dropout on the hidden activations of every expert, the shared one
+        included (see `ExpertWeights`), apart from the model's `dropout`.
     balance: how the experts are kept in use.
         "aux_loss": the Switch balancing loss, weighted by load_balance_weight (None = 0.01).
         "loss_free": auxiliary-loss-free balancing (Wang et al. 2024, DeepSeek-V3): a per-expert
@@ -129,6 +117,7 @@ class TopKMoE(FeedForwardLayer):
         score_function: str = "softmax",
         shared_hidden_dim: int = 0,
         shared_gate: bool = False,
+        expert_dropout: float = 0.0,
         balance: str = "aux_loss",
         balance_scope: str = "global_batch",
         bias_update_rate: float = 0.001,
@@ -163,14 +152,15 @@ class TopKMoE(FeedForwardLayer):
         self.capacity_priority = capacity_priority
         require_choice("capacity_group", capacity_group, CAPACITY_GROUPS)
         self.capacity_group = capacity_group
-        self.experts = ExpertWeights(num_experts, dim, hidden_dim, activation)
+        self.experts = ExpertWeights(num_experts, dim, hidden_dim, activation, dropout=expert_dropout)
         if route_scale is None:
             route_scale = top_k if renormalize else 1.0
         self.router = TopKRouter(dim, num_experts, top_k, renormalize, jitter_noise,
                                  require_positive_float("route_scale", route_scale),
                                  require_positive_float("router_init_std", router_init_std), score_function)
         # Built after the router: a seed draws the same experts and router with or without them.
-        self.shared = ExpertWeights(1, dim, shared_hidden_dim, activation) if shared_hidden_dim else None
+        self.shared = (ExpertWeights(1, dim, shared_hidden_dim, activation, dropout=expert_dropout)
+                       if shared_hidden_dim else None)
         self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_gate else None
         self.balance = balance
         self.balance_scope = balance_scope
@@ -227,22 +217,15 @@ class TopKMoE(FeedForwardLayer):
         routing = self.router(tokens, self.expert_bias)
 
         served, served_after = self._served_choices(routing.expert_index.reshape(B, T, k), mask, start, served_before)
-        # Sort the N*k choices by expert; choices not served get the sentinel E and sort last.
+        # Choices not served get the sentinel E: they output 0.
         choice_expert = routing.expert_index.reshape(-1)  # [N*k]
         if served is not None:
             choice_expert = choice_expert.masked_fill(~served.reshape(-1), E)
-        order = torch.argsort(choice_expert, stable=True)  # [N*k]
-        # A scatter-add, not bincount: its output shape is static, so torch.compile keeps one graph.
-        rows_per_expert = choice_expert.new_zeros(E + 1).scatter_add_(0, choice_expert, torch.ones_like(choice_expert))[:E]  # [E]
-        served_rows = order if served is None else order[: int(rows_per_expert.sum())]  # [M] without the sentinel group
-        expert_in = tokens.index_select(0, served_rows // k)  # [M, D]
-        expert_out = self.experts.forward_grouped(expert_in, rows_per_expert)  # [M, D]
-        if served is not None:  # choices not served output 0
-            expert_out = torch.cat([expert_out, expert_out.new_zeros(order.numel() - expert_out.shape[0], D)])  # [N*k, D]
-
-        # Back to token order, then each token's gate-weighted sum over its k choices.
-        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))  # [N*k]
-        choice_out = _PermuteRows.apply(expert_out, inverse, order).view(B * T, k, D)  # [N, k, D]
+        choice_token = torch.arange(B * T * k, device=x.device) // k  # [N*k]
+        choice_out, rows_per_expert = run_choices(self.experts, tokens, choice_expert, choice_token,
+                                                  some_unserved=served is not None)  # [N*k, D], [E]
+        choice_out = choice_out.view(B * T, k, D)  # [N, k, D]
+        # Each token's gate-weighted sum over its k choices.
         # Contiguous: CPU bmm over thousands of tiny matrices falls back to a loop on strided ones.
         gate = routing.weight.to(choice_out.dtype).contiguous().view(B * T, 1, k)  # [N, 1, k]
         y = torch.bmm(gate, choice_out).view(B * T, D)  # [N, D]

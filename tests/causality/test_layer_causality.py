@@ -8,8 +8,10 @@ from lm_moe.causality import Checker, LayerSubject
 from lm_moe.layers import (
     CumulativeSoftMoE,
     DenseFFN,
+    ExpertChoiceMoE,
     LaggedChunkSoftMoE,
     MixtureOfTokens,
+    ReMoE,
     SegmentMergedMoE,
     SoftMoE,
     TopKMoE,
@@ -31,6 +33,9 @@ CAUSAL_LAYERS = {
     "mixture_of_tokens_2_slots": partial(MixtureOfTokens, DIM, 16, 3, slots_per_expert=2, group_size=3),
     "segment_merged": partial(SegmentMergedMoE, DIM, 16, 4, segment_size=4),
     "segment_merged_swiglu": partial(SegmentMergedMoE, DIM, 16, 3, segment_size=5, activation="swiglu"),
+    "top2_sigmoid_loss_free_shared": partial(TopKMoE, DIM, 16, 4, score_function="sigmoid", balance="loss_free",
+                                             shared_hidden_dim=8, shared_gate=True),
+    "remoe": partial(ReMoE, DIM, 16, 4),
 }
 
 # Known to see the future: the suite must report each of them as leaking, which proves it can fail.
@@ -38,6 +43,7 @@ LEAKY_LAYERS = {
     "naive_soft_moe": partial(SoftMoE, DIM, 16, 4),
     "gshard_capacity": partial(TopKMoE, DIM, 16, 4, capacity_factor=0.5, capacity_priority="gshard"),
     "self_routed_first_segment": partial(SegmentMergedMoE, DIM, 16, 4, segment_size=4, first_segment="self"),
+    "expert_choice": partial(ExpertChoiceMoE, DIM, 16, 4, capacity_factor=1.0),
 }
 
 

@@ -76,6 +76,36 @@ def topk_moe(moe, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows).view_as(x)
 
 
+def remoe(layer, x: torch.Tensor) -> torch.Tensor:
+    """ReMoE output, one token and one expert at a time: every expert whose ReLU gate is positive."""
+    B, T, D = x.shape
+    rows = []
+    for b in range(B):
+        for t in range(T):
+            out = torch.zeros_like(x[b, t])
+            for e in range(layer.num_experts):
+                gate = torch.relu(x[b, t] @ layer.router[e])
+                if gate > 0:
+                    out = out + gate * expert_mlp(layer.experts, e, x[b, t])
+            rows.append(out)
+    return torch.stack(rows).view_as(x)
+
+
+def expert_choice(layer, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Expert-choice output, one sequence and one expert at a time: each expert takes the C of the
+    sequence's L real tokens with the highest affinity to it, C = ceil(capacity_factor * L / E)."""
+    B, T, D = x.shape
+    y = torch.zeros_like(x)
+    for b in range(B):
+        real = [t for t in range(T) if mask is None or mask[b, t]]
+        C = min(len(real), math.ceil(layer.capacity_factor * len(real) / layer.num_experts))
+        affinity = torch.softmax(x[b] @ layer.router.T, dim=-1)  # [T, E]
+        for e in range(layer.num_experts):
+            for t in sorted(real, key=lambda t: -affinity[t, e].item())[:C]:
+                y[b, t] = y[b, t] + layer.route_scale * affinity[t, e] * expert_mlp(layer.experts, e, x[b, t])
+    return y
+
+
 def soft_moe(layer, x: torch.Tensor) -> torch.Tensor:
     """Algorithm 1 of the Soft MoE paper, with the official L2 normalisation, one slot at a time."""
     phi = layer.scale * F.normalize(layer.slot_embeddings, dim=0)  # [D, S]

@@ -25,7 +25,8 @@ def test_parameters_keep_their_checkpoint_names(name):
     make, own = FAMILY[name]
     layer = make()
     assert set(layer.state_dict()) == SLOT_PARAMETERS | own
-    assert layer.num_slots == 6 and layer.slot_embeddings.shape == (8, 6) and layer.scale.item() == 1
+    assert layer.num_slots == 6 and layer.slot_embeddings.shape == (8, 6)
+    assert layer.scale.item() == pytest.approx(8**0.5)  # sqrt(D) by default
     assert "slot_embeddings" in layer.no_weight_decay
 
 
@@ -34,11 +35,18 @@ def test_logit_scale_init_multiplies_the_initial_logits(name):
     make, _ = FAMILY[name]
     x = torch.randn(2, 4, 8)
     torch.manual_seed(0)
-    plain = make()
+    plain = make(logit_scale_init=1.0)
     torch.manual_seed(0)
     sharp = make(logit_scale_init=16.0)
     assert sharp.scale.item() == 16.0
     torch.testing.assert_close(sharp.router_logits(x), 16 * plain.router_logits(x))
+
+
+def test_the_default_logit_scale_starts_the_logits_at_a_spread_of_about_one():
+    torch.manual_seed(0)
+    layer = CumulativeSoftMoE(256, 16, 8)
+    x = torch.nn.functional.layer_norm(torch.randn(4, 64, 256), (256,))
+    assert layer.router_logits(x).std().item() == pytest.approx(1.0, abs=0.1)
 
 
 def test_softmax_dispatch_leaves_padding_out_and_an_all_padding_set_empty():

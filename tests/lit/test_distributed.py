@@ -103,18 +103,19 @@ def _ddp_backward(rank: int, world_size: int, config: str, state: dict, ids: tor
     ddp(shard).backward()
     _end_step(model)
     if rank == 0:
-        torch.save({**{name: p.grad for name, p in model.named_parameters()}, **_biases(model)}, out_file)
+        torch.save({**{name: p.grad for name, p in model.named_parameters()}, **_per_step_buffers(model)}, out_file)
 
 
 def _end_step(model) -> None:
-    """What the training loop does once per optimizer step (the loss-free bias update)."""
+    """What the training loop does once per optimizer step (the loss-free bias, ReMoE's L1 coefficient)."""
     for layer in feed_forward_layers(model):
         layer.before_optimizer_step()
 
 
-def _biases(model) -> dict:
-    """The loss-free balancing biases, by buffer name (none for the other layers)."""
-    return {name: buffer.clone() for name, buffer in model.named_buffers() if name.endswith("expert_bias")}
+def _per_step_buffers(model) -> dict:
+    """The buffers the optimizer steps move, by name: loss-free biases and ReMoE's L1 coefficients."""
+    return {name: buffer.clone() for name, buffer in model.named_buffers()
+            if name.endswith(("expert_bias", "l1_coefficient"))}
 
 
 def _tiny_model(config: str):
@@ -137,9 +138,10 @@ def _loss(model, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output.logits.flatten(0, 1), ids[:, 1:].flatten()) + output.aux_loss
 
 
-@pytest.mark.parametrize("config", ["top2", "top2_loss_free", "fine_grained", "mixture_of_tokens", "lagged_chunk"])
+@pytest.mark.parametrize("config", ["top2", "top2_loss_free", "fine_grained", "remoe", "mixture_of_tokens", "lagged_chunk"])
 def test_ddp_gradient_equals_the_single_process_gradient_of_the_global_batch(config, tmp_path):
-    # And the loss-free bias, updated from every rank's choices, equals the single-process update.
+    # And what the step moves from every rank's counts (the loss-free bias, ReMoE's L1
+    # coefficient) equals the single-process update.
     ids = torch.randint(0, 300, (8, 33), generator=torch.Generator().manual_seed(1))  # global batch
     out_file = str(tmp_path / "ddp_grads.pt")
     model = _tiny_model(config)
@@ -150,11 +152,11 @@ def test_ddp_gradient_equals_the_single_process_gradient_of_the_global_batch(con
     _end_step(model)
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(ddp_grads[name], parameter.grad, rtol=1e-9, atol=1e-12, msg=name)
-    biases = _biases(model)
-    assert len(biases) == (2 if config == "top2_loss_free" else 0)
-    for name, bias in biases.items():
-        assert bias.abs().sum() > 0, "the step must move the bias to test it"
-        torch.testing.assert_close(ddp_grads[name], bias, rtol=0, atol=0, msg=name)
+    moved = _per_step_buffers(model)
+    assert len(moved) == (2 if config in ("top2_loss_free", "remoe") else 0)
+    for name, buffer in moved.items():
+        assert not torch.equal(buffer, _tiny_model(config).get_buffer(name)), "the step must move it to test it"
+        torch.testing.assert_close(ddp_grads[name], buffer, rtol=0, atol=0, msg=name)
 
 
 TRAINER_PRESETS = sorted((REPO / "configs/trainer").glob("*.yaml"))

@@ -43,7 +43,7 @@ def fitted(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_configs_exist_and_name_the_vit_task():
-    assert {path.stem for path in VIT_CONFIGS} == {"dense", "soft_moe", "top2"}
+    assert {path.stem for path in VIT_CONFIGS} == {"dense", "expert_choice", "soft_moe", "top2"}
     assert all(cli.task_of(["-c", str(path)]) == "vit" for path in VIT_CONFIGS)
 
 
