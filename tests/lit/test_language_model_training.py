@@ -144,3 +144,21 @@ def test_the_loss_free_bias_moves_once_per_optimizer_step_and_is_checkpointed(tm
     events.Reload()
     assert "moe/block_0/expert_bias_range" in events.Tags()["scalars"]
     assert "moe/block_0/expert_bias" in events.Tags()["histograms"]
+
+
+def test_a_resumed_run_continues_the_loss_free_bias_it_saved(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = REPO / "configs/lm/top2_loss_free.yaml"
+    rate = "--model.ffn.init_args.bias_update_rate=0.01"
+
+    def biases(run) -> torch.Tensor:
+        return torch.stack([block.ffn.expert_bias.clone() for block in run.model.model.blocks])  # [blocks, E]
+
+    first = fit(config, tmp_path / "cache", rate, steps=8)
+    saved = biases(first)
+    checkpoint = Path(first.trainer.logger.log_dir) / "checkpoints" / "last.ckpt"
+    resumed = biases(fit(config, tmp_path / "cache", rate, "--ckpt_path", str(checkpoint), steps=9))
+    # One more step moves each bias by at most 0.01 from the saved one; a bias started again from 0
+    # would be 0.02 or more away from a saved 0.03.
+    assert saved.abs().max() >= 0.03 - 1e-6
+    assert (resumed - saved).abs().max() <= 0.01 + 1e-6
