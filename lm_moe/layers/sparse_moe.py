@@ -199,17 +199,21 @@ class TopKMoE(FeedForwardLayer):
     def decode(self, x: torch.Tensor, state) -> tuple[torch.Tensor, object]:
         """Incremental decoding: x [B, t, D] are the next t tokens. Dropless routing is per token
         (state None); with a capacity, state = (position, served [B, E]), the choices each expert
-        has served so far in each sequence."""
+        has served so far in each sequence. Decoding reports no loss: the balancing loss and the
+        z-loss are not computed."""
+        check_layer_input(x, None, self.experts.dim)
         if self.capacity_factor is None or self.capacity_group == "batch":
-            return super().decode(x, state)
+            return self._route_and_run(x, None, with_aux=False)[0], None
         position, served = state if state is not None else (0, None)
-        y, _, served = self._route_and_run(x, None, position, served)
+        y, _, served = self._route_and_run(x, None, position, served, with_aux=False)
         return y, (position + x.shape[1], served)
 
     def _route_and_run(
-        self, x: torch.Tensor, mask: torch.Tensor | None, start: int = 0, served_before: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, LayerAux, torch.Tensor | None]:
-        """The layer on positions start .. start+T-1 of each sequence; returns (y, aux, served_after)."""
+        self, x: torch.Tensor, mask: torch.Tensor | None, start: int = 0, served_before: torch.Tensor | None = None,
+        with_aux: bool = True,
+    ) -> tuple[torch.Tensor, LayerAux | None, torch.Tensor | None]:
+        """The layer on positions start .. start+T-1 of each sequence; returns (y, aux, served_after),
+        aux None without `with_aux`."""
         B, T, D = x.shape
         k, E = self.top_k, self.num_experts
         tokens = x.reshape(B * T, D)  # [N, D]
@@ -231,6 +235,8 @@ class TopKMoE(FeedForwardLayer):
         y = torch.bmm(gate, choice_out).view(B * T, D)  # [N, D]
         if self.shared is not None:
             y = y + self._shared_output(tokens, valid)
+        if not with_aux:
+            return y.view(B, T, D), None, served_after
 
         balance = self._balancing_loss(routing, valid, B)
         z_loss = router_z_loss(routing, valid)
