@@ -11,7 +11,7 @@ Notation: D width, E experts, P slots per expert, S = E*P slots; slot s belongs 
               or w = exp(L - |scale|), in (0, 1]                       summed over the pools of the causal variants
 
 Inputs and slot parameters are L2-normalised for the logits, with one learned scale, as in the
-official Soft MoE implementation (which starts it at 1; here it starts at sqrt(D), see
+official Soft MoE implementation (which starts it at 1; here it starts at min(sqrt(D), 16), see
 `SlotRoutedLayer`); the un-normalised inputs are dispatched. The logits are
 fp32 or wider, also under autocast.
 """
@@ -26,6 +26,7 @@ from lm_moe.layers.ffn import ExpertWeights
 from lm_moe.layers.numerics import coefficient_of_variation, masked_mean, routing_dtype, softmax_entropy
 
 _NORM_EPS = 1e-6
+MAX_DEFAULT_LOGIT_SCALE = 16.0  # see SlotRoutedLayer: the fixed-shift exponentials stay well inside fp32
 
 
 def slot_logits(x: torch.Tensor, slot_embeddings: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -90,17 +91,15 @@ class SlotRoutedLayer(FeedForwardLayer):
     Every layer of the family also takes `expert_dropout`: dropout on its experts' hidden
     activations in training (see `ExpertWeights`).
 
-    logit_scale_init: the scale's initial value; None = sqrt(D). The cosine of two random
-    D-vectors has a spread of 1/sqrt(D), so a scale of 1 starts the logits at a spread of
+    logit_scale_init: the scale's initial value; None = min(sqrt(D), 16). The cosine of two
+    random D-vectors has a spread of 1/sqrt(D), so a scale of 1 starts the logits at a spread of
     1/sqrt(D) (0.06 at D = 256): every combine and dispatch softmax almost uniform, every slot
     nearly the same mean of its tokens, and the learned scale grows too slowly (a few 1e-3 per
     Adam step) to leave that state within a short run. sqrt(D) starts the logits at a spread of
-    about 1, that of the un-normalised product x . phi on a normalised input. On the LM
-    variants that pool tokens into slots, this takes 0.18 nats off at 300 steps
-    (docs/moe_baseline.md).
-
-    The experts come built, so that a layer that builds more modules (a shared expert) can draw
-    their initial values before the slots draw theirs.
+    about 1, that of the un-normalised product x . phi on a normalised input; on the LM
+    variants that pool tokens into slots this takes 0.1-0.2 nats off at 300 steps
+    (docs/moe_baseline.md). The cap: the causal variants sum exp(L - |scale|) in fp32, down to
+    exp(-2 |scale|), which underflows past |scale| of about 40 (a run at 64 turned NaN).
     """
 
     no_weight_decay = ("slot_embeddings",)  # normalised before use (see adamw_param_groups)
@@ -114,7 +113,7 @@ class SlotRoutedLayer(FeedForwardLayer):
         dim = experts.dim
         self.slot_embeddings = nn.Parameter(torch.randn(dim, self.num_slots) * dim**-0.5)  # phi [D, S]
         if logit_scale_init is None:
-            logit_scale_init = dim**0.5
+            logit_scale_init = min(dim**0.5, MAX_DEFAULT_LOGIT_SCALE)
         self.scale = nn.Parameter(torch.tensor(require_positive_float("logit_scale_init", logit_scale_init)))
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,7 @@ def test_the_default_logit_scale_starts_the_logits_at_a_spread_of_about_one():
     layer = CumulativeSoftMoE(256, 16, 8)
     x = torch.nn.functional.layer_norm(torch.randn(4, 64, 256), (256,))
     assert layer.router_logits(x).std().item() == pytest.approx(1.0, abs=0.1)
+    assert CumulativeSoftMoE(1024, 16, 8).scale.item() == 16  # capped: exp(-2 |scale|) stays inside fp32
 
 
 def test_softmax_dispatch_leaves_padding_out_and_an_all_padding_set_empty():
