@@ -9,8 +9,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
-# A stat with one value per expert or slot (any stat that is not a scalar) is a load vector:
-# logged as a histogram plus a max/min load ratio and an idle fraction.
+# A stat with one value per expert or slot (any stat that is not a scalar) is logged as a
+# histogram; a load vector (non-negative, not all zero) also as a max/min load ratio and an idle
+# fraction. A signed vector, such as the loss-free balancing bias, is not a load.
 
 LayerStats = dict[str, dict[str, torch.Tensor]]
 
@@ -41,7 +42,7 @@ def moe_scalars(layer_stats: LayerStats, prefix: str = "moe") -> dict[str, torch
         for name, value in stats.items():
             if value.dim() == 0:
                 scalars[f"{prefix}/{block}/{name}"] = value.float()
-            else:
+            elif value.min() >= 0 and value.max() > 0:
                 value = value.float()  # counts too
                 # An idle expert makes the ratio infinite; eps keeps the curve plottable.
                 ratio = value.max() / value.min().clamp_min(1e-6)

@@ -15,10 +15,17 @@ def test_scalars_histograms_and_load_ratio():
     assert set(moe_histograms(stats)) == {"moe/block_1/tokens_per_expert"}
 
 
-def test_every_vector_stat_is_a_load_vector():
+def test_a_non_negative_vector_stat_is_a_load_vector():
     stats = {"block_0": {"expert_weights": torch.tensor([0.25, 0.75]), "expert_weight_spread": torch.tensor(0.5)}}
     assert set(moe_histograms(stats)) == {"moe/block_0/expert_weights"}
     assert moe_scalars(stats)["moe/block_0/expert_weights_max_min_ratio"] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("bias", [[0.02, -0.01, 0.0, -0.01], [0.0, 0.0, 0.0, 0.0]])
+def test_a_signed_or_all_zero_vector_gets_its_histogram_only(bias):
+    stats = {"block_0": {"expert_bias": torch.tensor(bias), "expert_bias_range": torch.tensor(0.03)}}
+    assert set(moe_histograms(stats)) == {"moe/block_0/expert_bias"}
+    assert set(moe_scalars(stats)) == {"moe/block_0/expert_bias_range"}
 
 
 def test_idle_experts_are_counted_as_a_fraction():
