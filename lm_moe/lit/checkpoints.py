@@ -128,10 +128,14 @@ _UNJUDGED_SETTINGS = {"num_workers", "cache_dir", "compile", "sampling"}
 
 def setting_differences(saved: Mapping, current: Mapping, section: str) -> list[str]:
     """`<section>.<key>: <saved> in the checkpoint, <current> now` for each setting whose value
-    differs, nested ones (model.ffn.init_args.top_k) by their full name."""
+    differs, nested ones (model.ffn.init_args.top_k) by their full name. A setting the checkpoint
+    does not have was added after it was saved, with a default that keeps what that version did
+    (or, like an initial value, that its weights replace): it is not judged."""
     differences = []
     for key in sorted(set(saved) | set(current)):
         if key.startswith("_") or key in _UNJUDGED_SETTINGS:  # _instantiator: Lightning's own
+            continue
+        if key not in saved and key in current:
             continue
         name, old, new = f"{section}.{key}", saved.get(key), current.get(key)
         if isinstance(old, Mapping) and isinstance(new, Mapping):

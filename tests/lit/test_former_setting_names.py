@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from lm_moe import cli, export
-from lm_moe.lit.checkpoints import read_checkpoint, with_current_setting_names
+from lm_moe.lit.checkpoints import read_checkpoint, setting_differences, with_current_setting_names
 from lm_moe.lit.trained_model import load_trained_module, read_trained
 
 SAVED = Path(__file__).parent / "vit_saved_with_mlp"
@@ -64,3 +64,13 @@ def test_a_language_model_config_has_no_former_name_to_read(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["fit", "-c", str(config), "--print_config"])
     assert exit_info.value.code == 2
+
+
+def test_a_setting_added_after_the_checkpoint_was_saved_is_not_judged():
+    saved = {"ffn": {"init_args": {"hidden_dim": 784}}, "dim": 128}
+    current = {"ffn": {"init_args": {"hidden_dim": 784, "expert_dropout": 0.0, "logit_scale_init": None}}, "dim": 128}
+    assert setting_differences(saved, current, "model") == []
+    current["ffn"]["init_args"]["hidden_dim"] = 392
+    assert setting_differences(saved, current, "model") == ["model.ffn.init_args.hidden_dim: 784 in the checkpoint, 392 now"]
+    assert setting_differences({"dim": 128, "pool": "cls"}, {"dim": 128}, "model") == [
+        "model.pool: 'cls' in the checkpoint, None now"]  # a setting gone since is still named
