@@ -100,15 +100,16 @@ class ExpertChoiceMoE(FeedForwardLayer):
                                                   choice_token.reshape(-1), some_unserved=mask is not None)  # [B*E*C, D]
         weighted = weight.reshape(-1, 1).to(choice_out.dtype) * choice_out  # [B*E*C, D]
         y = torch.zeros_like(tokens, dtype=choice_out.dtype).index_add_(0, choice_token.reshape(-1), weighted)  # [N, D]
-        experts_per_token = torch.zeros(B * T, device=x.device).index_add_(
-            0, choice_token.reshape(-1), taken.reshape(-1).float())  # [N]
         valid = None if mask is None else mask.reshape(B * T)
         aux = LayerAux.empty(x)
-        aux.stats = deferred_stats(self._stats, experts_per_token, valid, rows_per_expert)
+        aux.stats = deferred_stats(self._stats, choice_token.reshape(-1), taken.reshape(-1), B * T, valid,
+                                   rows_per_expert)
         return y.view(B, T, D), aux
 
     @staticmethod
-    def _stats(experts_per_token, valid, rows_per_expert) -> dict[str, torch.Tensor]:
+    def _stats(choice_token, taken, num_tokens, valid, rows_per_expert) -> dict[str, torch.Tensor]:
+        """From each choice's token [C] and whether an expert took it [C]."""
+        experts_per_token = torch.zeros(num_tokens, device=taken.device).index_add_(0, choice_token, taken.float())  # [N]
         return {
             "unrouted_fraction": masked_mean((experts_per_token == 0).float(), valid),
             "experts_per_token": masked_mean(experts_per_token, valid),

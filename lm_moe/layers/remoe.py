@@ -18,7 +18,6 @@ token, so the layer is causal.
 """
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -29,7 +28,7 @@ from lm_moe.layers.ffn import ExpertWeights
 from lm_moe.layers.inputs import check_layer_input
 from lm_moe.layers.layer_output import LayerAux, deferred_stats
 from lm_moe.layers.numerics import masked_mean, routing_dtype
-from lm_moe.layers.routing import ROUTER_INIT_STD
+from lm_moe.layers.routing import ROUTER_INIT_STD, sum_over_ranks
 
 
 class ReMoE(FeedForwardLayer):
@@ -106,8 +105,7 @@ class ReMoE(FeedForwardLayer):
         # so that the load f (and so the penalty's gradient) is that of the global batch.
         counts = torch.cat([on.sum(0), torch.as_tensor(num_tokens, device=on.device).reshape(1)]).to(dtype)  # [E + 1]
         if self.training:
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                dist.all_reduce(counts)
+            sum_over_ranks(counts)
             self._step_counts = counts if self._step_counts is None else self._step_counts + counts
         load = counts[:E] * E / (self.target_active * counts[E].clamp_min(1))  # [E], no gradient: it counts
         penalty = (load * masked_mean(gates, valid)).sum()

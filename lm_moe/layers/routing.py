@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.distributed as dist
 from torch import nn
 
 from lm_moe.layers.numerics import entropy, masked_mean, routing_dtype
@@ -126,6 +127,13 @@ def choice_counts(
     if valid is not None:
         weight = weight * valid.unsqueeze(-1)
     return weight.new_zeros(num_experts).scatter_add_(0, expert_index.reshape(-1), weight.reshape(-1))  # [E]
+
+
+def sum_over_ranks(counts: torch.Tensor) -> torch.Tensor:
+    """`counts` summed in place over the data-parallel ranks (unchanged in one process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(counts)
+    return counts
 
 
 def choice_share(

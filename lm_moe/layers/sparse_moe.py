@@ -1,7 +1,6 @@
 """Sparse top-k Mixture of Experts (Switch / ST-MoE / Mixtral style), dropless by default."""
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from lm_moe.argument_checks import (
@@ -29,6 +28,7 @@ from lm_moe.layers.routing import (
     router_entropy,
     router_z_loss,
     sequence_balancing_loss,
+    sum_over_ranks,
 )
 
 
@@ -251,9 +251,8 @@ class TopKMoE(FeedForwardLayer):
         where the scope or the loss-free bias needs them."""
         share = None
         if self.training and (self.balance == "loss_free" or self.balance_scope == "global_batch"):
-            counts = choice_counts(routing.expert_index, valid, self.num_experts, routing.probs.dtype).detach()  # [E]
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                dist.all_reduce(counts)  # every rank's choices
+            counts = sum_over_ranks(choice_counts(routing.expert_index, valid, self.num_experts,
+                                                  routing.probs.dtype).detach())  # [E], every rank's choices
             self._step_counts = counts if self._step_counts is None else self._step_counts + counts
             if self.balance_scope == "global_batch":
                 share = self._step_counts / self._step_counts.sum().clamp_min(1)  # [E]

@@ -135,7 +135,7 @@ def setting_differences(saved: Mapping, current: Mapping, section: str) -> list[
     for key in sorted(set(saved) | set(current)):
         if key.startswith("_") or key in _UNJUDGED_SETTINGS:  # _instantiator: Lightning's own
             continue
-        if key not in saved and key in current:
+        if key not in saved:
             continue
         name, old, new = f"{section}.{key}", saved.get(key), current.get(key)
         if isinstance(old, Mapping) and isinstance(new, Mapping):
