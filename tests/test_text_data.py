@@ -104,6 +104,17 @@ def test_split_is_deterministic_and_follows_the_seed(tmp_path, corpus):
     assert _doc_tags(other, other.val_set.blocks) != _doc_tags(first, first.val_set.blocks)
 
 
+def test_shuffle_seed_reorders_the_batches_and_keeps_the_split(tmp_path, corpus):
+    first = _ready(_module(tmp_path, **corpus["jsonl"]))
+    reordered = _ready(_module(tmp_path, shuffle_seed=7, **corpus["jsonl"]))
+    assert torch.equal(first.val_set.blocks, reordered.val_set.blocks)
+    assert torch.equal(first.train_set.blocks, reordered.train_set.blocks)
+    first_order = torch.cat([batch["input_ids"] for batch in first.train_dataloader()])
+    other_order = torch.cat([batch["input_ids"] for batch in reordered.train_dataloader()])
+    assert not torch.equal(first_order, other_order)
+    # the same blocks, in another order
+    assert sorted(map(tuple, first_order.tolist())) == sorted(map(tuple, other_order.tolist()))
+
 def test_tokenization_is_cached_per_tokenizer(tmp_path, corpus):
     cache = tmp_path / "cache"
     first = _module(tmp_path, **corpus["jsonl"])

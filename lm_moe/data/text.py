@@ -141,7 +141,9 @@ class TextDataModule(pl.LightningDataModule):
         batch_size: sequences per batch (per device).
         val_fraction: fraction of documents held out for validation (and test).
         max_documents: use only the first `max_documents` documents, in corpus order (quick runs).
-        seed: seeds the train/validation split and the training shuffle.
+        seed: seeds the train/validation split, and the training shuffle unless `shuffle_seed` is set.
+        shuffle_seed: seeds the training shuffle alone (None: `seed`), so runs of several seeds see
+            the batches in other orders while validating on the same documents.
         num_workers: DataLoader worker processes.
         cache_dir: `datasets` cache folder (default: the Hugging Face cache).
     """
@@ -159,6 +161,7 @@ class TextDataModule(pl.LightningDataModule):
         val_fraction: float = 0.05,
         max_documents: int | None = None,
         seed: int = 1234,
+        shuffle_seed: int | None = None,
         num_workers: int = 0,
         cache_dir: str | None = None,
     ):
@@ -177,6 +180,7 @@ class TextDataModule(pl.LightningDataModule):
         self.val_fraction = val_fraction
         self.max_documents = max_documents
         self.seed = seed
+        self.shuffle_seed = seed if shuffle_seed is None else shuffle_seed
         self.num_workers = num_workers
         self.cache_dir = cache_dir
 
@@ -343,7 +347,7 @@ class TextDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # A resumed run continues the batch order where its checkpoint stopped.
-        return training_loader(self.train_set, self.batch_size, self.seed, self.num_workers, batches_trained(self.trainer))
+        return training_loader(self.train_set, self.batch_size, self.shuffle_seed, self.num_workers, batches_trained(self.trainer))
 
     def val_dataloader(self) -> DataLoader:
         return evaluation_loader(self.val_set, self.batch_size, self.num_workers)

@@ -15,6 +15,7 @@ class Panel:
     log_x: bool = False
     y_from_zero: bool = False  # rates: an axis from 0 shows ratios honestly
     hlines: dict[str, float] = field(default_factory=dict)  # label -> y of a dashed reference line
+    bands: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)  # label -> (x, mean, std)
 
 
 def draw(panels: list[Panel], path: Path, title: str = "") -> None:
@@ -24,6 +25,12 @@ def draw(panels: list[Panel], path: Path, title: str = "") -> None:
         for label, points in panel.series.items():
             points = sorted(points)
             axes.plot([x for x, _ in points], [y for _, y in points], marker="o", markersize=3, label=label)
+        for label, points in panel.bands.items():  # a mean line in a shaded band of +- one std
+            points = sorted(points)
+            xs, means, stds = ([point[i] for point in points] for i in range(3))
+            line, = axes.plot(xs, means, marker="o", markersize=3, label=label)
+            axes.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                              color=line.get_color(), alpha=0.2, linewidth=0)
         for label, y in panel.hlines.items():
             axes.axhline(y, color="grey", linestyle="--", linewidth=1, label=label)
         if panel.log_x:
@@ -34,7 +41,7 @@ def draw(panels: list[Panel], path: Path, title: str = "") -> None:
             axes.set_ylim(bottom=0)
         axes.set(title=panel.title, xlabel=panel.xlabel, ylabel=panel.ylabel)
         axes.grid(True, alpha=0.3)
-        if panel.series or panel.hlines:
+        if panel.series or panel.bands or panel.hlines:
             axes.legend(fontsize="small")
     if title:
         figure.suptitle(title)

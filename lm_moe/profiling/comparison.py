@@ -1,18 +1,26 @@
-"""The variant comparison: every LM config trained on the same data, token budget and seed, each in
-its own `python -m lm_moe fit` process, then measured on its trained checkpoint.
+"""The variant comparison: every LM config trained on the same data and token budget, for each of
+several seeds, each run in its own `python -m lm_moe fit` process, then measured on its trained
+checkpoint. A learning-rate grid may come first: each variant at a few rates on a shorter budget
+(the first seed), the final runs at its best.
 
 The output folder of a sweep:
 
-    sweep.json                     the settings; a later invocation on the folder must use the same
-    <variant>/version_<n>/         TensorBoard logs, config.yaml and checkpoints/ of each fit process
-    <variant>/fit_<n>.log          what each fit attempt printed
-    <variant>/trained.json         written once training reached max_steps
-    <variant>/evaluation.json      parameters, decoding speed and causality of the trained model
-    <variant>/variant.json         the variant's own learning rate (null: its config's); a later
-                                   invocation must give it the same
+    sweep.json                           the settings; a later invocation on the folder must use the same
+    <variant>/seed_<seed>/               one final run: TensorBoard logs, config.yaml and
+                                         checkpoints/ under version_<n>/ (one per fit process)
+    lr_grid/<variant>/lr_<rate>/         one grid run, laid out the same
+    <run>/fit_<n>.log                    what each fit attempt printed
+    <run>/trained.json                   written once training reached its steps
+    <run>/evaluation.json                parameters, decoding speed and causality of the trained model
+    <run>/run.json                       the run's learning rate (null: its config's); a later
+                                         invocation must give it the same
 
-Resuming: a variant with trained.json (or whose newest last.ckpt is at max_steps) is not trained
-again; one with a last.ckpt short of max_steps continues from it (`--ckpt_path`); one without
+A run's seed sets `seed_everything` (initialisation, dropout, router noise) and the training
+shuffle (`data.shuffle_seed`); the train/validation split stays the data module's, the same
+documents for every run.
+
+Resuming: a run with trained.json (or whose newest last.ckpt is at its steps) is not trained
+again; one with a last.ckpt short of its steps continues from it (`--ckpt_path`); one without
 starts from scratch. A fit that fails is recorded with its error, and the sweep goes on.
 """
 
@@ -40,13 +48,15 @@ POLL_SECONDS = 5.0  # how often the progress display looks at a running fit's lo
 
 @dataclass(frozen=True)
 class SweepSettings:
-    """What every variant shares; a sweep folder holds results for one set of these."""
+    """What every run shares; a sweep folder holds results for one set of these. Seeds and rates
+    are not among them: each (variant, seed) and (variant, rate) has its own folder, so a sweep can
+    grow by seeds or rates."""
 
     trainer: str  # trainer preset (a config file)
-    max_steps: int
-    val_every: int  # validation (and checkpoint) interval in steps; divides max_steps
-    seed: int
+    max_steps: int  # of the final runs
+    val_every: int  # validation (and checkpoint) interval in steps; divides max_steps and grid_steps
     overrides: tuple[str, ...] = ()  # config flags for every fit, e.g. --model.n_layer=2
+    grid_steps: int | None = None  # of the learning-rate grid's runs (None: max_steps)
 
 
 @dataclass(frozen=True)
@@ -78,19 +88,18 @@ def batches_per_step(config: Path, settings: SweepSettings) -> int:
     return int(resolved["trainer"].get("accumulate_grad_batches") or 1)
 
 
-def fit_command(config: Path, run_dir: Path, settings: SweepSettings, batches_per_step: int = 1,
-                learning_rate: float | None = None) -> list[str]:
-    """The `python -m lm_moe fit` command line of one variant (logs and checkpoints in run_dir),
-    which accumulates the gradients of `batches_per_step` batches in each optimizer step and
-    trains at `learning_rate` (None: the rate of its config, the preset and the overrides)."""
+def fit_command(run: "Run", settings: SweepSettings) -> list[str]:
+    """The `python -m lm_moe fit` command line of one run (logs and checkpoints in its run_dir)."""
+    run_dir = run.run_dir
     return [
-        sys.executable, "-m", "lm_moe", "fit", "-c", str(config), "-c", settings.trainer, *settings.overrides,
-        *([f"--model.learning_rate={learning_rate}"] if learning_rate is not None else []),
-        # After the overrides: what makes the variants comparable and the sweep resumable.
-        f"--seed_everything={settings.seed}",
-        f"--trainer.max_steps={settings.max_steps}",
+        sys.executable, "-m", "lm_moe", "fit", "-c", str(run.config), "-c", settings.trainer, *settings.overrides,
+        *([f"--model.learning_rate={run.learning_rate}"] if run.learning_rate is not None else []),
+        # After the overrides: what makes the runs comparable and the sweep resumable.
+        f"--seed_everything={run.seed}",
+        f"--data.shuffle_seed={run.seed}",
+        f"--trainer.max_steps={run.steps}",
         # Lightning counts this interval in batches, not optimizer steps.
-        f"--trainer.val_check_interval={settings.val_every * batches_per_step}",
+        f"--trainer.val_check_interval={settings.val_every * run.batches_per_step}",
         "--trainer.check_val_every_n_epoch=null",  # count the interval across epochs
         "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={run_dir}",
@@ -121,12 +130,16 @@ def _exited(process: subprocess.Popen, seconds: float) -> bool:
 
 
 @dataclass
-class Variant:
-    name: str
+class Run:
+    """One fit of a variant: its config at a seed and a learning rate, for a number of steps."""
+
+    variant: str  # the config's file name
     config: Path
     run_dir: Path
-    batches_per_step: int = 1  # gradient accumulation of its fit (see the function of that name)
+    seed: int
+    steps: int
     learning_rate: float | None = None  # its own model.learning_rate; None: its config's
+    batches_per_step: int = 1  # gradient accumulation of its fit (see the function of that name)
 
     @property
     def trained_marker(self) -> Path:
@@ -134,7 +147,7 @@ class Variant:
 
     @property
     def settings_file(self) -> Path:
-        return self.run_dir / "variant.json"
+        return self.run_dir / "run.json"
 
     @property
     def evaluation_file(self) -> Path:
@@ -149,39 +162,37 @@ class TrainingOutcome:
     output_tail: str = ""  # the last lines the failed fit printed
 
 
-def require_same_learning_rate(variant: Variant) -> None:
-    """Record the variant's own learning rate in its new run folder, or refuse another one than
-    the folder's runs trained with."""
-    wanted = {"learning_rate": variant.learning_rate}
-    if not variant.settings_file.exists():
-        variant.run_dir.mkdir(parents=True, exist_ok=True)
-        variant.settings_file.write_text(json.dumps(wanted) + "\n")
+def require_same_learning_rate(run: Run) -> None:
+    """Record the run's own learning rate in its new folder, or refuse another one than the
+    folder's fits trained with."""
+    wanted = {"learning_rate": run.learning_rate}
+    if not run.settings_file.exists():
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        run.settings_file.write_text(json.dumps(wanted) + "\n")
         return
-    recorded = json.loads(variant.settings_file.read_text())
+    recorded = json.loads(run.settings_file.read_text())
     if recorded != wanted:
         def shown(rate: float | None) -> str:
             return "its config's" if rate is None else str(rate)
-        raise ValueError(f"{variant.run_dir} trained {variant.name} at learning rate "
-                         f"{shown(recorded.get('learning_rate'))}, not {shown(variant.learning_rate)}: "
+        raise ValueError(f"{run.run_dir} trained {run.variant} at learning rate "
+                         f"{shown(recorded.get('learning_rate'))}, not {shown(run.learning_rate)}: "
                          "give the same rate to resume it, or another --out")
 
 
-def train(variant: Variant, settings: SweepSettings, threads: int | None,
-          on_step: Callable[[int], None]) -> TrainingOutcome:
-    """Train one variant to max_steps in a `fit` process (with `threads` CPU threads, None: torch's
+def train(run: Run, settings: SweepSettings, threads: int | None, on_step: Callable[[int], None]) -> TrainingOutcome:
+    """Train one run to its steps in a `fit` process (with `threads` CPU threads, None: torch's
     choice), continuing its last checkpoint if any. `on_step` hears of the steps done while it runs."""
-    if variant.trained_marker.exists():
+    if run.trained_marker.exists():
         return TrainingOutcome(True, "skipped")
-    variant.run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = newest_last_checkpoint(variant.run_dir)
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = newest_last_checkpoint(run.run_dir)
     start = checkpoint_step(checkpoint) if checkpoint else 0
-    if start < settings.max_steps:
-        command = fit_command(variant.config, variant.run_dir, settings, variant.batches_per_step,
-                              variant.learning_rate)
+    if start < run.steps:
+        command = fit_command(run, settings)
         command += ["--ckpt_path", str(checkpoint)] if checkpoint else []
         env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-        log = variant.run_dir / f"fit_{len(list(variant.run_dir.glob('fit_*.log'))) + 1}.log"
-        watcher = StepWatcher(variant.run_dir)
+        log = run.run_dir / f"fit_{len(list(run.run_dir.glob('fit_*.log'))) + 1}.log"
+        watcher = StepWatcher(run.run_dir)
         with log.open("w") as output:
             process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env)
             while not _exited(process, POLL_SECONDS):
@@ -190,22 +201,22 @@ def train(variant: Variant, settings: SweepSettings, threads: int | None,
         if process.returncode != 0:
             tail = "\n".join(text.splitlines()[-30:])
             return TrainingOutcome(False, "failed", failure_reason(process.returncode, text), tail)
-        checkpoint = newest_last_checkpoint(variant.run_dir)
+        checkpoint = newest_last_checkpoint(run.run_dir)
         reached = checkpoint_step(checkpoint) if checkpoint else 0
-        if reached < settings.max_steps:
-            return TrainingOutcome(False, "failed", f"fit ended without a checkpoint at step {settings.max_steps} "
+        if reached < run.steps:
+            return TrainingOutcome(False, "failed", f"fit ended without a checkpoint at step {run.steps} "
                                                     f"(the last is at step {reached})")
-    variant.trained_marker.write_text(json.dumps({"checkpoint": str(checkpoint), "step": settings.max_steps}) + "\n")
-    action = "trained" if start == 0 else "skipped" if start >= settings.max_steps else f"resumed from step {start}"
+    run.trained_marker.write_text(json.dumps({"checkpoint": str(checkpoint), "step": run.steps}) + "\n")
+    action = "trained" if start == 0 else "skipped" if start >= run.steps else f"resumed from step {start}"
     return TrainingOutcome(True, action)
 
 
-def evaluate(variant: Variant, evaluation: EvaluationSettings) -> dict:
+def evaluate(run: Run, evaluation: EvaluationSettings) -> dict:
     """Parameters, decoding speed and causality of the trained checkpoint (computed once, then read back).
     A part that fails is reported as an error in its place."""
-    if variant.evaluation_file.exists():
-        return json.loads(variant.evaluation_file.read_text())
-    model = load_checkpoint(newest_last_checkpoint(variant.run_dir))
+    if run.evaluation_file.exists():
+        return json.loads(run.evaluation_file.read_text())
+    model = load_checkpoint(newest_last_checkpoint(run.run_dir))
     result = parameter_counts(model)
     # Decoding: a prompt of half the context, then cached steps to its end, on the CPU in fp32.
     batch = round_up(evaluation.decode_batch, required_batch_multiple(model))
@@ -218,7 +229,7 @@ def evaluate(variant: Variant, evaluation: EvaluationSettings) -> dict:
     except Exception as error:
         result["decode_setting"] += f": FAILED, {type(error).__name__}: {error}"
     result["causality"] = causality_verdict(model, evaluation.causality_seeds)
-    variant.evaluation_file.write_text(json.dumps(result, indent=2) + "\n")
+    run.evaluation_file.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
