@@ -1,9 +1,11 @@
 """The variant comparison: its cost accounting, its reading of TensorBoard logs, and
-scripts/compare_lm.py end to end (a failed variant, an interrupted one resumed, finished ones skipped)."""
+scripts/compare_lm.py end to end (seeds, a learning-rate grid, a failed variant, an interrupted run
+resumed, finished runs skipped). The statistics over seeds are tested in test_seed_statistics.py."""
 
 import csv
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -14,8 +16,8 @@ import yaml
 from torch.utils.tensorboard import SummaryWriter
 
 from lm_moe.profiling.comparison import (
+    Run,
     SweepSettings,
-    Variant,
     batches_per_step,
     failure_reason,
     fit_command,
@@ -86,13 +88,14 @@ def test_a_sweep_with_gradient_accumulation_validates_every_val_every_optimizer_
     preset = tmp_path / "accumulating.yaml"
     preset.write_text(yaml.safe_dump({"trainer": {"accumulate_grad_batches": 3}}))
     config = REPO / "configs/lm/dense.yaml"
-    settings = SweepSettings(str(preset), max_steps=20, val_every=5, seed=0)
+    settings = SweepSettings(str(preset), max_steps=20, val_every=5)
     assert batches_per_step(config, settings) == 3
-    assert "--trainer.val_check_interval=15" in fit_command(config, tmp_path / "dense", settings, 3)
+    run = Run("dense", config, tmp_path / "dense", seed=0, steps=20, batches_per_step=3)
+    assert "--trainer.val_check_interval=15" in fit_command(run, settings)
     # An override after the preset wins, as in the fit.
-    overridden = SweepSettings(str(preset), 20, 5, 0, ("--trainer.accumulate_grad_batches=2",))
+    overridden = SweepSettings(str(preset), 20, 5, ("--trainer.accumulate_grad_batches=2",))
     assert batches_per_step(config, overridden) == 2
-    plain = SweepSettings(str(REPO / "configs/trainer/cpu_quick.yaml"), 20, 5, 0)
+    plain = SweepSettings(str(REPO / "configs/trainer/cpu_quick.yaml"), 20, 5)
     assert batches_per_step(config, plain) == 1
 
 
@@ -109,32 +112,33 @@ def test_failure_reason_is_the_error_line():
 
 
 def test_a_sweep_folder_refuses_other_settings(tmp_path):
-    require_same_settings(tmp_path, SweepSettings("trainer.yaml", 100, 10, 1))
-    require_same_settings(tmp_path, SweepSettings("trainer.yaml", 100, 10, 1))  # the same: resume
+    require_same_settings(tmp_path, SweepSettings("trainer.yaml", 100, 10))
+    require_same_settings(tmp_path, SweepSettings("trainer.yaml", 100, 10))  # the same: resume
     with pytest.raises(ValueError, match="max_steps: 100 there, 200 now"):
-        require_same_settings(tmp_path, SweepSettings("trainer.yaml", 200, 10, 1))
+        require_same_settings(tmp_path, SweepSettings("trainer.yaml", 200, 10))
 
 
-def test_a_variants_own_learning_rate_comes_after_the_overrides(tmp_path):
-    settings = SweepSettings("trainer.yaml", 20, 5, 0, ("--model.learning_rate=0.001",))
-    top2 = fit_command(REPO / "configs/lm/top2.yaml", tmp_path / "top2", settings, learning_rate=0.0014)
+def test_a_runs_seed_and_own_learning_rate_come_after_the_overrides(tmp_path):
+    settings = SweepSettings("trainer.yaml", 20, 5, ("--model.learning_rate=0.001", "--seed_everything=7"))
+    top2 = fit_command(Run("top2", REPO / "configs/lm/top2.yaml", tmp_path / "top2", 1235, 20, 0.0014), settings)
     assert top2.index("--model.learning_rate=0.0014") > top2.index("--model.learning_rate=0.001")
-    dense = fit_command(REPO / "configs/lm/dense.yaml", tmp_path / "dense", settings)
+    assert top2.index("--seed_everything=1235") > top2.index("--seed_everything=7")
+    assert "--data.shuffle_seed=1235" in top2 and "--trainer.max_steps=20" in top2
+    dense = fit_command(Run("dense", REPO / "configs/lm/dense.yaml", tmp_path / "dense", 1234, 20), settings)
     assert [flag for flag in dense if flag.startswith("--model.learning_rate")] == ["--model.learning_rate=0.001"]
 
 
-def test_a_variant_folder_refuses_another_learning_rate(tmp_path):
-    def variant(rate):
-        return Variant("top2", REPO / "configs/lm/top2.yaml", tmp_path / "top2", learning_rate=rate)
+def test_a_run_folder_refuses_another_learning_rate(tmp_path):
+    def run(name, rate):
+        return Run(name, REPO / f"configs/lm/{name}.yaml", tmp_path / name, 1234, 20, learning_rate=rate)
 
-    require_same_learning_rate(variant(0.0014))
-    require_same_learning_rate(variant(0.0014))  # the same: resume
+    require_same_learning_rate(run("top2", 0.0014))
+    require_same_learning_rate(run("top2", 0.0014))  # the same: resume
     with pytest.raises(ValueError, match=r"trained top2 at learning rate 0.0014, not its config's: give the same"):
-        require_same_learning_rate(variant(None))
-    require_same_learning_rate(Variant("dense", REPO / "configs/lm/dense.yaml", tmp_path / "dense"))
+        require_same_learning_rate(run("top2", None))
+    require_same_learning_rate(run("dense", None))
     with pytest.raises(ValueError, match=r"trained dense at learning rate its config's, not 0.003"):
-        require_same_learning_rate(Variant("dense", REPO / "configs/lm/dense.yaml", tmp_path / "dense",
-                                           learning_rate=0.003))
+        require_same_learning_rate(run("dense", 0.003))
 
 
 @pytest.mark.parametrize("flag, message", [
@@ -160,9 +164,25 @@ def test_compare_lm_refuses_two_rates_for_one_variant(tmp_path, monkeypatch, cap
     assert refused.value.code == 2 and "gives one variant two rates: top2=0.001 top2=0.002" in capsys.readouterr().err
 
 
-def run_compare(out: Path, configs: list[Path], env: dict) -> subprocess.CompletedProcess:
+@pytest.mark.parametrize("flags, message", [
+    (["--seeds", "1234,x"], "--seeds 1234,x: give whole numbers, as in 1234,1235,1236"),
+    (["--seeds", "1,1"], "--seeds 1,1 names a seed twice"),
+    (["--lr-grid", "0.001,-2"], "--lr-grid 0.001,-2: give positive numbers, as in 0.0014,0.002,0.0028"),
+    (["--lr-grid", "0.001", "--max-steps", "100", "--val-every", "20", "--grid-steps", "30"],
+     "--val-every (20) must divide --grid-steps (30, >= 1) as well"),
+    (["--reference", "top8"], "--reference top8 is not a variant of this sweep (dense, top2)"),
+])
+def test_compare_lm_refuses_bad_seeds_grids_and_references(tmp_path, monkeypatch, capsys, flags, message):
+    args = ["--configs", "configs/lm/dense.yaml", "configs/lm/top2.yaml", *flags, "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as refused:
+        run_script_in_process("scripts/compare_lm.py", args, monkeypatch)
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def run_compare(out: Path, configs: list[Path], env: dict, seeds: str = "1234,1235") -> subprocess.CompletedProcess:
     args = ["--configs", *map(str, configs), "--max-steps=8", "--val-every=4", "--threads=1", f"--out={out}",
-            "--learning-rate", "top2=0.003", *TINY]
+            f"--seeds={seeds}", "--lr-grid=0.001,0.004", "--grid-steps=4", "--learning-rate", "top2=0.003", *TINY]
     return subprocess.run([sys.executable, str(REPO / "scripts/compare_lm.py"), *args],
                           capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
 
@@ -179,10 +199,10 @@ def test_compare_lm_refuses_a_bad_override_before_training_anything(tmp_path):
 
 
 def event_files(out: Path) -> dict[Path, float]:
-    return {path: path.stat().st_mtime for path in out.glob("*/version_*/events.out.tfevents.*")}
+    return {path: path.stat().st_mtime for path in out.glob("**/version_*/events.out.tfevents.*")}
 
 
-def test_compare_lm_end_to_end_with_a_failure_a_resume_and_a_rerun(tmp_path):
+def test_compare_lm_end_to_end_with_seeds_a_grid_a_failure_a_resume_and_a_rerun(tmp_path):
     broken = yaml.safe_load((REPO / "configs/lm/top2.yaml").read_text())
     broken["model"]["ffn"]["init_args"]["top_k"] = 9  # more than its 8 experts
     (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
@@ -191,43 +211,78 @@ def test_compare_lm_end_to_end_with_a_failure_a_resume_and_a_rerun(tmp_path):
     env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
 
     # An interrupted top2 run: the sweep's own fit command, stopped at step 4 of 8 (checkpoint at step 4).
-    settings = SweepSettings(str((REPO / "configs/trainer/cpu_quick.yaml").resolve()), 8, 4, 1234, tuple(TINY))
+    settings = SweepSettings(str((REPO / "configs/trainer/cpu_quick.yaml").resolve()), 8, 4, tuple(TINY), 4)
     require_same_settings(out, settings)
-    require_same_learning_rate(Variant("top2", configs[1], out / "top2", learning_rate=0.003))
-    interrupted = fit_command(configs[1], out / "top2", settings, learning_rate=0.003) + ["--trainer.max_steps=4"]
+    interrupted_run = Run("top2", configs[1], out / "top2" / "seed_1235", 1235, 8, 0.003)
+    require_same_learning_rate(interrupted_run)
+    interrupted = fit_command(interrupted_run, settings) + ["--trainer.max_steps=4"]
     assert subprocess.run(interrupted, capture_output=True, env=env, cwd=REPO).returncode == 0
 
     result = run_compare(out, configs, env)
     assert result.returncode == 1, result.stderr[-3000:]  # 1: the broken variant failed, the others finished
-    assert "dense: trained" in result.stdout and "top2: resumed from step 4" in result.stdout
-    assert sorted(path.name for path in (out / "top2").glob("version_*")) == ["version_0", "version_1"]
+    for line in ("grid dense at 0.001: trained", "grid dense at 0.004: trained", "dense seed 1234: trained",
+                 "dense seed 1235: trained", "top2 seed 1234: trained", "top2 seed 1235: resumed from step 4",
+                 "grid broken at 0.001: FAILED: top_k must be at most num_experts=8, got 9"):
+        assert line in result.stdout, line
+    assert "grid top2" not in result.stdout  # its rate was given
+    assert sorted(path.name for path in (out / "top2" / "seed_1235").glob("version_*")) == ["version_0", "version_1"]
 
-    rows = list(csv.DictReader((out / "results.csv").open()))
-    assert [row["variant"] for row in rows] == ["dense", "top2", "broken"]
-    assert {"val_loss", "val_ppl", "params_total", "params_active", "train_tokens_per_s", "decode_tokens_per_s",
-            "causality", "status", "reason"} <= set(rows[0])
-    for row in rows[:2]:
-        assert row["status"] == "ok" and row["steps"] == "8" and row["tokens"] == str(8 * 16 * 32)
+    # The grid: every (variant, rate) run, dense's best chosen, broken's failures reported.
+    grid = list(csv.DictReader((out / "lr_grid.csv").open()))
+    assert [(row["variant"], row["learning_rate"], row["status"]) for row in grid] == [
+        ("dense", "0.001", "ok"), ("dense", "0.004", "ok"), ("broken", "0.001", "FAILED"), ("broken", "0.004", "FAILED")]
+    dense_grid = {float(row["learning_rate"]): float(row["val_loss"]) for row in grid[:2]}
+    best = min(dense_grid, key=dense_grid.get)
+    assert [row["chosen"] for row in grid] == [str(rate == best) for rate in dense_grid] + ["False", "False"]
+    assert json.loads((out / "lr_grid.json").read_text())["chosen"] == {"dense": best, "broken": None}
+    assert (out / "lr_grid.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert "| dense | " in (out / "lr_grid.md").read_text()
+
+    # A row per run, each seed trained at its variant's rate.
+    runs = list(csv.DictReader((out / "runs.csv").open()))
+    assert [(row["variant"], row["seed"], row["status"]) for row in runs] == [
+        ("dense", "1234", "ok"), ("dense", "1235", "ok"), ("top2", "1234", "ok"), ("top2", "1235", "ok"),
+        ("broken", "1234", "FAILED"), ("broken", "1235", "FAILED")]
+    for row in runs[:4]:
+        assert row["steps"] == "8" and row["tokens"] == str(8 * 16 * 32)
         assert 0 < float(row["val_loss"]) < 10 and float(row["train_tokens_per_s"]) > 0
         assert float(row["decode_tokens_per_s"]) > 0 and row["causality"] == "PASS"
+    assert {float(row["learning_rate"]) for row in runs[:2]} == {best} and {row["learning_rate"] for row in runs[2:4]} == {"0.003"}
+    assert runs[0]["val_loss"] != runs[1]["val_loss"]  # the seeds differ
+    assert "no rate of the learning-rate grid trained" in runs[4]["reason"]
+
+    # A row per variant: the mean and spread of its seeds, and its gap to dense seed by seed.
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [row["variant"] for row in rows] == ["dense", "top2", "broken"]
+    for row, seeds in zip(rows[:2], (runs[:2], runs[2:4])):
+        losses = [float(run["val_loss"]) for run in seeds]
+        assert row["status"] == "ok" and row["seeds"] == "2/2"
+        assert float(row["val_loss_mean"]) == pytest.approx(statistics.fmean(losses))
+        assert float(row["val_loss_std"]) == pytest.approx(statistics.stdev(losses))
+    gaps = [float(top2["val_loss"]) - float(dense["val_loss"]) for dense, top2 in zip(runs[:2], runs[2:4])]
+    assert float(rows[1]["gap_mean"]) == pytest.approx(statistics.fmean(gaps)) and rows[1]["gap_seeds"] == "2"
+    assert rows[1]["verdict"] == "undecided (2 seeds)"
     assert int(rows[1]["params_active"]) < int(rows[1]["params_total"])
-    assert [row["learning_rate"] for row in rows[:2]] == ["0.002", "0.003"]  # the preset's; top2's own
-    assert rows[2]["status"] == "FAILED" and "top_k must be at most num_experts=8, got 9" in rows[2]["reason"]
+    assert rows[2]["status"].startswith("FAILED: seed 1234: no rate of the learning-rate grid trained")
+    assert rows[2]["seeds"] == "0/2"
 
     saved = json.loads((out / "results.json").read_text())
-    assert set(saved) == {"settings", "definitions", "variants"}
-    assert saved["variants"][2]["output_tail"].endswith("python -m lm_moe: error: top_k must be at most num_experts=8, got 9")
+    assert set(saved) == {"settings", "seeds", "reference", "definitions", "variants", "runs"}
+    assert saved["seeds"] == [1234, 1235] and saved["reference"] == "dense"
     table = (out / "table.md").read_text()
     table_rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
     assert [line.split("|")[1].strip() for line in table_rows] == ["dense", "top2", "broken"]
-    assert "FAILED: top_k must be at most num_experts=8, got 9" in table_rows[2]
+    assert f"{statistics.fmean(gaps):+.3f} ± {statistics.stdev(gaps):.3f}" in table_rows[1]
     for name in ("loss_vs_tokens.png", "loss_vs_time.png"):
         assert (out / name).read_bytes().startswith(PNG_SIGNATURE)
 
-    # Again on the same folder: the finished variants are not trained again, the failed one is retried.
+    # Again with a third seed: the finished runs are not trained again, the third seed's are.
     before = event_files(out)
-    again = run_compare(out, configs, env)
+    again = run_compare(out, configs, env, seeds="1234,1235,1236")
     assert again.returncode == 1, again.stderr[-3000:]
-    assert "dense: skipped" in again.stdout and "top2: skipped" in again.stdout
-    assert event_files(out) == before
-    assert [row["variant"] for row in csv.DictReader((out / "results.csv").open())] == ["dense", "top2", "broken"]
+    assert "grid dense at 0.001: skipped" in again.stdout and "dense seed 1235: skipped" in again.stdout
+    assert "top2 seed 1234: skipped" in again.stdout and "top2 seed 1236: trained" in again.stdout
+    assert {path: time for path, time in event_files(out).items() if path in before} == before
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [row["seeds"] for row in rows] == ["3/3", "3/3", "0/3"]
+    assert rows[1]["verdict"] in ("lower", "higher", "tie")

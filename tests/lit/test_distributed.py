@@ -86,6 +86,10 @@ def _ddp_gradients(rank: int, world_size: int, config: str, state: dict, init_fi
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
         _ddp_backward(rank, world_size, config, state, ids, out_file)
+        # No rank tears its group down while the other still works (rank 0 saves the gradients):
+        # gloo aborts a process (std::terminate) now and then when its peer closes the connections
+        # under it.
+        dist.barrier()
     finally:
         # The DDP wrapper is gone by now. Had its reducer held the last reference to the gloo
         # group, the group's destructor would join gloo's threads while holding the GIL, and a
