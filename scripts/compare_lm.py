@@ -33,7 +33,8 @@ must be the same (the folder's sweep.json records them).
 
 Writes to --out: results.csv (a row per variant), runs.csv (a row per run), results.json, table.md
 (also printed), loss_vs_tokens.png and loss_vs_time.png (the mean validation loss of every variant
-with a band of one standard deviation), and with --lr-grid: lr_grid.csv, lr_grid.json, lr_grid.md and
+with a band of one standard deviation), gap_vs_tokens.png (each variant's gap to the reference, seed
+by seed, against training tokens), and with --lr-grid: lr_grid.csv, lr_grid.json, lr_grid.md and
 lr_grid.png. Exit status 1 when a run failed.
 """
 
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         progress.update(stages.task, description="sweep done")
 
     print(markdown)
-    print(f"wrote results.csv, runs.csv, results.json, table.md, loss_vs_tokens.png, loss_vs_time.png to {args.out}")
+    print(f"wrote results.csv, runs.csv, results.json, table.md and the charts to {args.out}")
     return 1 if any(row["status"] == "FAILED" for row in run_rows) else 0
 
 

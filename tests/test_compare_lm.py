@@ -273,7 +273,7 @@ def test_compare_lm_end_to_end_with_seeds_a_grid_a_failure_a_resume_and_a_rerun(
     table_rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
     assert [line.split("|")[1].strip() for line in table_rows] == ["dense", "top2", "broken"]
     assert f"{statistics.fmean(gaps):+.3f} ± {statistics.stdev(gaps):.3f}" in table_rows[1]
-    for name in ("loss_vs_tokens.png", "loss_vs_time.png"):
+    for name in ("loss_vs_tokens.png", "loss_vs_time.png", "gap_vs_tokens.png"):
         assert (out / name).read_bytes().startswith(PNG_SIGNATURE)
 
     # Again with a third seed: the finished runs are not trained again, the third seed's are.

@@ -64,6 +64,16 @@ def test_default_split_is_seeded_and_disjoint(mnist, tmp_path):
     assert sum(bytes(image.numpy()) in train for image in mnist.val_set.pixels) < 5  # MNIST holds a few duplicates
 
 
+def test_shuffle_seed_reorders_the_training_batches_and_keeps_the_split(mnist):
+    reordered = ImageDataModule(cache_dir=mnist.cache_dir, shuffle_seed=7, crop_padding=0)
+    reordered.setup("fit")
+    same = ImageDataModule(cache_dir=mnist.cache_dir, crop_padding=0)
+    same.setup("fit")
+    assert torch.equal(reordered.val_set.pixels, mnist.val_set.pixels)
+    first, other = next(iter(same.train_dataloader())), next(iter(reordered.train_dataloader()))
+    assert not torch.equal(first["labels"], other["labels"])
+
+
 def test_batches_are_normalised_images_and_labels(mnist):
     batch = next(iter(mnist.val_dataloader()))
     assert batch["images"].shape == (128, 1, 28, 28) and batch["images"].dtype == torch.float32

@@ -169,3 +169,18 @@ def test_profile_inference_script_end_to_end(tmp_path):
     for name in ("dense", "mixture_of_tokens", "tiny"):
         assert json.loads((out / f"trace_{name}.json").read_text())["traceEvents"]
     assert not (out / "trace_vit_soft_moe.json").exists()  # image classifiers do not decode
+
+
+@pytest.mark.parametrize("batch, width", [(4, 2816), (8, 3712)])
+def test_the_decode_controls_read_the_ffn_bytes_of_a_top2_step(batch, width):
+    # docs/benchmarks.md compares top2's decoding with a dense model whose MLP is as wide as the
+    # experts a top-2 step of `batch` tokens touches on average under uniform routing.
+    top2 = yaml.safe_load((REPO / "configs/lm/top2.yaml").read_text())["model"]
+    experts = top2["ffn"]["init_args"]
+    E, k, H = experts["num_experts"], experts["top_k"], experts["hidden_dim"]
+    touched = E * (1 - (1 - k / E) ** batch)
+    control = yaml.safe_load((REPO / f"docs/inference/configs/dense_width_{width}.yaml").read_text())["model"]
+    assert control["dense_hidden_dim"] == round(touched * H / 64) * 64 == width
+    dense = yaml.safe_load((REPO / "configs/lm/dense.yaml").read_text())["model"]
+    assert {key: value for key, value in control.items() if key != "dense_hidden_dim"} == \
+        {key: value for key, value in dense.items() if key != "dense_hidden_dim"}

@@ -4,7 +4,7 @@ gap verdict, and a failed seed reported rather than averaged away."""
 import pytest
 
 from lm_moe.profiling.comparison_report import variant_rows
-from lm_moe.profiling.seed_statistics import mean_curve, paired_gap, spread
+from lm_moe.profiling.seed_statistics import mean_curve, paired_curve_gap, paired_gap, spread
 
 
 def test_spread_is_the_mean_and_sample_standard_deviation():
@@ -21,6 +21,14 @@ def test_mean_curve_and_band_at_the_steps_every_seed_has():
     assert mean_curve(curves) == [(100, 6.0, pytest.approx(1.0)), (200, 5.0, pytest.approx(1.0))]
     assert mean_curve([[(1, 2.0), (2, 1.0)]]) == [(1, 2.0, 0.0), (2, 1.0, 0.0)]
     assert mean_curve([]) == []
+
+
+def test_the_gap_curve_pairs_each_seed_with_the_references_seed():
+    reference = {1: [(100, 5.0), (200, 4.0)], 2: [(100, 5.2), (200, 4.4)], 3: [(100, 9.0)]}
+    curves = {1: [(100, 5.5), (200, 4.1)], 2: [(100, 5.3), (200, 4.7)], 4: [(100, 0.0)]}  # seeds 3, 4 unpaired
+    gap = paired_curve_gap(curves, reference)
+    assert [(x, round(mean, 6), round(std, 6)) for x, mean, std in gap] == [
+        (100, 0.3, round(0.2 * 2 ** 0.5, 6)), (200, 0.2, round(0.1 * 2 ** 0.5, 6))]
 
 
 @pytest.mark.parametrize("values, verdict", [

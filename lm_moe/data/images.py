@@ -186,7 +186,9 @@ class ImageDataModule(pl.LightningDataModule):
         horizontal_flip: training augmentation: mirror half of the images (off by default: it turns
             digits and text into other symbols; turn it on for natural images).
         batch_size: images per batch (per device).
-        seed: seeds the held-out split and the training shuffle.
+        seed: seeds the held-out split, and the training shuffle unless `shuffle_seed` is set.
+        shuffle_seed: seeds the training shuffle alone (None: `seed`): runs of several seeds see
+            the batches in other orders while validating on the same images.
         num_workers: DataLoader worker processes.
         cache_dir: `datasets` cache folder (default: the Hugging Face cache).
     """
@@ -209,6 +211,7 @@ class ImageDataModule(pl.LightningDataModule):
         horizontal_flip: bool = False,
         batch_size: int = 128,
         seed: int = 1234,
+        shuffle_seed: int | None = None,
         num_workers: int = 0,
         cache_dir: str | None = None,
     ):
@@ -233,6 +236,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.horizontal_flip = horizontal_flip
         self.batch_size = batch_size
         self.seed = seed
+        self.shuffle_seed = seed if shuffle_seed is None else shuffle_seed
         self.num_workers = num_workers
         self.cache_dir = cache_dir
         self.convert_channels = convert_channels
@@ -430,7 +434,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # A resumed run continues the batch order where its checkpoint stopped.
-        return training_loader(self.train_set, self.batch_size, self.seed, self.num_workers, batches_trained(self.trainer))
+        return training_loader(self.train_set, self.batch_size, self.shuffle_seed, self.num_workers, batches_trained(self.trainer))
 
     def val_dataloader(self) -> DataLoader:
         return evaluation_loader(self.val_set, self.batch_size, self.num_workers)

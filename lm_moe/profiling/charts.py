@@ -33,9 +33,9 @@ def draw(panels: list[Panel], path: Path, title: str = "") -> None:
                               color=line.get_color(), alpha=0.2, linewidth=0)
         for label, y in panel.hlines.items():
             axes.axhline(y, color="grey", linestyle="--", linewidth=1, label=label)
-        if panel.log_x:
+        ticks = sorted({point[0] for points in [*panel.series.values(), *panel.bands.values()] for point in points})
+        if panel.log_x and ticks:  # (an empty panel, as of a sweep under way, keeps a linear axis)
             axes.set_xscale("log", base=2)
-            ticks = sorted({x for points in panel.series.values() for x, _ in points})
             axes.set_xticks(ticks, [f"{x:g}" for x in ticks])  # the measured values, not powers of two
         if panel.y_from_zero:
             axes.set_ylim(bottom=0)

@@ -93,6 +93,7 @@ def fit_command(run: "Run", settings: SweepSettings) -> list[str]:
     run_dir = run.run_dir
     return [
         sys.executable, "-m", "lm_moe", "fit", "-c", str(run.config), "-c", settings.trainer, *settings.overrides,
+        *run.overrides,
         *([f"--model.learning_rate={run.learning_rate}"] if run.learning_rate is not None else []),
         # After the overrides: what makes the runs comparable and the sweep resumable.
         f"--seed_everything={run.seed}",
@@ -140,6 +141,7 @@ class Run:
     steps: int
     learning_rate: float | None = None  # its own model.learning_rate; None: its config's
     batches_per_step: int = 1  # gradient accumulation of its fit (see the function of that name)
+    overrides: tuple[str, ...] = ()  # its own config flags, after the sweep's
 
     @property
     def trained_marker(self) -> Path:

@@ -1,7 +1,8 @@
 """The comparison's results: one row per run (runs.csv), one per variant over its seeds
 (results.csv, results.json, table.md: mean and spread, the gap to a reference variant and whether
 the seeds decide it) and the validation-loss curves, mean over seeds with a band of one standard
-deviation, against training tokens and wall time (loss_vs_tokens.png, loss_vs_time.png)."""
+deviation, against training tokens and wall time (loss_vs_tokens.png, loss_vs_time.png), and the
+gap to the reference against training tokens (gap_vs_tokens.png)."""
 
 import math
 from pathlib import Path
@@ -9,7 +10,14 @@ from pathlib import Path
 from lm_moe.output_files import staged_files
 from lm_moe.profiling.charts import Panel, draw
 from lm_moe.profiling.comparison import Run, SweepSettings, TrainingOutcome
-from lm_moe.profiling.seed_statistics import MIN_SEEDS_TO_DECIDE, mean_curve, median, paired_gap, spread
+from lm_moe.profiling.seed_statistics import (
+    MIN_SEEDS_TO_DECIDE,
+    mean_curve,
+    median,
+    paired_curve_gap,
+    paired_gap,
+    spread,
+)
 from lm_moe.profiling.tables import Column, markdown_table, write_csv, write_json
 from lm_moe.profiling.training_curves import curve, learning_rate, median_scalar, tokens_per_step, versions
 
@@ -151,31 +159,40 @@ def write_report(out: Path, settings: SweepSettings, seeds: list[int], reference
         write_json(staging / "results.json", {"settings": vars(settings), "seeds": seeds, "reference": reference,
                                               "definitions": DEFINITIONS, "variants": rows, "runs": run_rows})
         trained = [run for run, row in zip(runs, run_rows) if row["status"] == "ok"]
-        draw_curves(staging, f"{settings.max_steps} steps, seeds {', '.join(map(str, seeds))}", trained)
+        draw_curves(staging, f"{settings.max_steps} steps, seeds {', '.join(map(str, seeds))}", trained, reference)
     return markdown
 
 
-def draw_curves(out: Path, title: str, trained: list[Run]) -> None:
+def draw_curves(out: Path, title: str, trained: list[Run], reference: str | None) -> None:
     """loss_vs_tokens.png and loss_vs_time.png: each variant's mean curve over its trained seeds,
-    with a band of one standard deviation (against time: at the mean time the seeds reached each step)."""
-    losses: dict[str, list] = {}  # variant -> one [(step, loss)] per seed
+    with a band of one standard deviation (against time: at the mean time the seeds reached each
+    step); with a reference variant, gap_vs_tokens.png: each variant's loss minus the reference's,
+    seed by seed at every step both validated, mean and band over the seeds."""
+    losses: dict[str, dict[int, list]] = {}  # variant -> seed -> [(step, loss)]
     minutes: dict[str, list] = {}  # variant -> one [(step, minutes)] per seed
     tokens_per: dict[str, int] = {}
     baseline: dict[str, float] = {}
     for run in trained:
         tokens_per[run.variant] = tokens_per_step(versions(run.run_dir)[-1])
         points = curve(run.run_dir)
-        losses.setdefault(run.variant, []).append([(point.step, point.value) for point in points])
+        losses.setdefault(run.variant, {})[run.seed] = [(point.step, point.value) for point in points]
         minutes.setdefault(run.variant, []).append([(point.step, point.seconds / 60) for point in points])
         unigram = curve(run.run_dir, "val/unigram_baseline")
         if unigram and not baseline:  # the same data for every run
             baseline = {"unigram baseline": unigram[-1].value}
-    by_tokens, by_minutes = {}, {}
-    for name, curves in losses.items():
-        mean_losses = mean_curve(curves)  # [(step, mean, std)]
+    by_tokens, by_minutes, gaps = {}, {}, {}
+    for name, by_seed in losses.items():
+        mean_losses = mean_curve(list(by_seed.values()))  # [(step, mean, std)]
         step_minutes = {step: mean for step, mean, _ in mean_curve(minutes[name])}
         by_tokens[name] = [(step * tokens_per[name], mean, std) for step, mean, std in mean_losses]
         by_minutes[name] = [(step_minutes[step], mean, std) for step, mean, std in mean_losses]
+        if reference in losses and name != reference:
+            gaps[name] = [(step * tokens_per[name], mean, std)
+                          for step, mean, std in paired_curve_gap(by_seed, losses[reference])]
     for name, bands, xlabel in (("loss_vs_tokens.png", by_tokens, "training tokens"),
                                 ("loss_vs_time.png", by_minutes, "wall time (minutes)")):
         draw([Panel("validation loss", xlabel, "loss (nats/token)", {}, hlines=baseline, bands=bands)], out / name, title)
+    if gaps:
+        draw([Panel(f"validation loss minus {reference}'s, seed by seed", "training tokens", "loss gap (nats/token)",
+                    {}, hlines={reference: 0.0}, bands=gaps)], out / "gap_vs_tokens.png", title)
+

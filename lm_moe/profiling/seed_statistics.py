@@ -21,8 +21,12 @@ class Spread:
     std: float | None  # sample standard deviation; None for one value
     n: int
 
+    def text(self, decimals: int = 3) -> str:
+        mean = f"{self.mean:.{decimals}f}"
+        return mean if self.std is None else f"{mean} ± {self.std:.{decimals}f}"
+
     def __str__(self) -> str:
-        return f"{self.mean:.3f}" if self.std is None else f"{self.mean:.3f} ± {self.std:.3f}"
+        return self.text()
 
 
 def spread(values: list[float]) -> Spread | None:
@@ -43,6 +47,17 @@ def mean_curve(curves: list[list[tuple[float, float]]]) -> list[tuple[float, flo
         ys = [points[x] for points in by_x]
         rows.append((x, statistics.fmean(ys), statistics.stdev(ys) if len(ys) > 1 else 0.0))
     return rows
+
+
+def paired_curve_gap(curves: dict[int, list[tuple[float, float]]],
+                     reference: dict[int, list[tuple[float, float]]]) -> list[tuple[float, float, float]]:
+    """(x, mean gap, std) of the curves (by seed) minus the reference's curve of the same seed, at
+    every x all the seeds both have share."""
+    gaps = []
+    for seed in sorted(curves.keys() & reference.keys()):
+        at = dict(reference[seed])
+        gaps.append([(x, y - at[x]) for x, y in curves[seed] if x in at])
+    return mean_curve(gaps)
 
 
 @dataclass(frozen=True)

@@ -173,16 +173,17 @@ def test_export_refuses_a_crafted_checkpoint_and_writes_nothing(crafted, tmp_pat
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
-def test_the_comparison_harness_refuses_a_crafted_last_checkpoint_of_a_variant(crafted, tmp_path):
+def test_the_comparison_harness_refuses_a_crafted_last_checkpoint_of_a_run(crafted, tmp_path):
     path, marker = crafted
-    run_dir = tmp_path / "sweep" / "top2"
+    run_dir = tmp_path / "sweep" / "top2" / "seed_0"
     (run_dir / "version_0" / "checkpoints").mkdir(parents=True)
     (run_dir / "version_0" / "checkpoints" / "last.ckpt").write_bytes(path.read_bytes())
-    settings = comparison.SweepSettings(trainer=str(REPO / "configs/trainer/cpu_quick.yaml"), max_steps=4, val_every=2, seed=0)
+    settings = comparison.SweepSettings(trainer=str(REPO / "configs/trainer/cpu_quick.yaml"), max_steps=4, val_every=2)
+    run = comparison.Run("top2", LM_CONFIG, run_dir, seed=0, steps=4)
     with pytest.raises(UnsafeCheckpointError, match=r"io\.open"):
-        comparison.train(comparison.Variant("top2", LM_CONFIG, run_dir), settings, None, lambda step: None)
+        comparison.train(run, settings, None, lambda step: None)
     with pytest.raises(UnsafeCheckpointError, match=r"io\.open"):
-        comparison.evaluate(comparison.Variant("top2", LM_CONFIG, run_dir), comparison.EvaluationSettings())
+        comparison.evaluate(run, comparison.EvaluationSettings())
     assert not marker.exists()
 
 
