@@ -21,7 +21,7 @@ import yaml
 from pytorch_lightning.callbacks import LearningRateMonitor, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lm_moe.argument_checks import require_non_negative_float
@@ -38,6 +38,7 @@ from lm_moe.lit.checkpoints import (
     setting_differences,
     with_current_setting_names,
 )
+from lm_moe.lit.fine_tuning import load_initial_weights
 from lm_moe.lit.interruption import CheckpointOnInterrupt
 from lm_moe.lit.progress_bar import StepProgressBar
 from lm_moe.lit.safe_loading import ESCAPE_FLAG, ESCAPE_HELP, use_safe_loading
@@ -214,6 +215,13 @@ class LmMoeCLI(LightningCLI):
                     f"the checkpoint was trained with other settings than this {self.subcommand} uses "
                     f"(the config's apply): {'; '.join(differences)}"
                 )
+        init_from = self.model.hparams.get("init_from")
+        if self.subcommand == "fit" and init_from is not None:
+            if ckpt_path is None:  # a new run from trained weights: loaded here, before any data work
+                load_initial_weights(self.model.model, init_from, config.get("task") or "lm")
+            else:
+                rank_zero_info(f"model.init_from {init_from} is not loaded: --ckpt_path resumes the run "
+                               "from its own checkpoint")
 
     def before_validate(self) -> None:
         """before_fit's checks; and evaluating without a checkpoint is the freshly built model:

@@ -44,7 +44,6 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -63,6 +62,7 @@ from lm_moe.profiling.comparison import (
 )
 from lm_moe.profiling.comparison_report import run_row, write_report
 from lm_moe.profiling.learning_rate_grid import write_grid_report
+from lm_moe.profiling.sweep_options import parse_seeds, resolve_steps
 
 REPO = Path(__file__).resolve().parents[1]
 PROG = "compare_lm.py"
@@ -101,20 +101,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         parser.error(f"no trainer preset at {args.trainer}")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file, not a folder")
-    if args.max_steps is None:
-        args.max_steps = (yaml.safe_load(args.trainer.read_text()) or {}).get("trainer", {}).get("max_steps")
-        if args.max_steps is None:
-            parser.error(f"{args.trainer} sets no trainer.max_steps: give --max-steps")
-    if args.val_every is None:
-        args.val_every = max(1, args.max_steps // 10)
-    if args.max_steps < 1 or args.val_every < 1 or args.max_steps % args.val_every:
-        parser.error(f"--val-every ({args.val_every}) must divide --max-steps ({args.max_steps}), both >= 1, "
-                     "so that the last step is validated and checkpointed")
-    args.seeds = parse_list(parser, "--seeds", args.seeds, int, "whole numbers, as in 1234,1235,1236")
-    if len(set(args.seeds)) != len(args.seeds):
-        parser.error(f"--seeds {','.join(map(str, args.seeds))} names a seed twice")
-    args.lr_grid = [] if args.lr_grid is None else parse_list(
-        parser, "--lr-grid", args.lr_grid, positive_rate, "positive numbers, as in 0.0014,0.002,0.0028")
+    resolve_steps(parser, args, validations=10)
+    args.seeds = parse_seeds(parser, args.seeds)
+    args.lr_grid = [] if args.lr_grid is None else parse_rates(parser, args.lr_grid)
     if args.grid_steps is None:
         args.grid_steps = args.max_steps // 2
     if args.lr_grid and (args.grid_steps < 1 or args.grid_steps % args.val_every):
@@ -147,13 +136,12 @@ def positive_rate(text: str) -> float:
     return value
 
 
-def parse_list(parser: argparse.ArgumentParser, option: str, text: str, kind, allowed: str) -> list:
-    """`1234,1235` -> [1234, 1235]; the parser's error, naming the option and what it takes, otherwise."""
+def parse_rates(parser: argparse.ArgumentParser, text: str) -> list[float]:
+    """`0.0014,0.002` -> [0.0014, 0.002]; the parser's error for anything but positive numbers."""
     try:
-        values = [kind(item) for item in text.split(",")]
+        return [positive_rate(item) for item in text.split(",")]
     except ValueError:
-        parser.error(f"{option} {text}: give {allowed}")
-    return values
+        parser.error(f"--lr-grid {text}: give positive numbers, as in 0.0014,0.002,0.0028")
 
 
 def parse_learning_rate(parser: argparse.ArgumentParser, text: str, names: list[str]) -> tuple[str, float]:

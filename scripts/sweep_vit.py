@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -32,6 +31,7 @@ from lm_moe.cli import configs_not_of_task
 from lm_moe.command_line import ArgumentParser, exit_with_error
 from lm_moe.profiling.comparison import Run, SweepSettings, require_same_settings, train
 from lm_moe.profiling.models import build_from_config, resolved_config
+from lm_moe.profiling.sweep_options import parse_seeds, resolve_steps
 from lm_moe.profiling.vit_sweep import sweep_settings, run_row, write_sweep_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,20 +66,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         parser.error(f"the sweep trains ViTs; not ViT configs: {', '.join(not_vit)}")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} is a file, not a folder")
-    if args.max_steps is None:
-        args.max_steps = (yaml.safe_load(args.trainer.read_text()) or {}).get("trainer", {}).get("max_steps")
-        if args.max_steps is None:
-            parser.error(f"{args.trainer} sets no trainer.max_steps: give --max-steps")
-    if args.val_every is None:
-        args.val_every = max(1, args.max_steps // 3)
-    if args.max_steps < 1 or args.val_every < 1 or args.max_steps % args.val_every:
-        parser.error(f"--val-every ({args.val_every}) must divide --max-steps ({args.max_steps}), both >= 1")
-    try:
-        args.seeds = [int(seed) for seed in args.seeds.split(",")]
-    except ValueError:
-        parser.error(f"--seeds {args.seeds}: give whole numbers, as in 1234,1235,1236")
-    if len(set(args.seeds)) != len(args.seeds):
-        parser.error(f"--seeds {args.seeds} names a seed twice")
+    resolve_steps(parser, args, validations=3)
+    args.seeds = parse_seeds(parser, args.seeds)
     for option in ("experts", "slots_per_expert"):
         positive_ints(parser, f"--{option.replace('_', '-')}", getattr(args, option))
     positive_ints(parser, "--total-slots and --fixed-experts", [args.total_slots, args.fixed_experts])

@@ -29,6 +29,8 @@ class FeedForwardLayer(nn.Module):
     batch_multiple: what the batch size must be a multiple of.
     parameter_macs_per_token: the layer's cost, as the profiler counts it.
     before_optimizer_step: what the layer does once per optimizer step (loss-free balancing).
+    parameter_parts: which part (experts, router, ...) each parameter is, for freezing and per-part
+        learning rates (`lm_moe.lit.fine_tuning`).
     The stats in `LayerAux.stats` declare by their dtype how data-parallel ranks combine them.
     """
 
@@ -85,6 +87,17 @@ class FeedForwardLayer(nn.Module):
         its tokens use, in the share they use them)."""
         raise NotImplementedError(f"{type(self).__name__} must define parameter_macs_per_token() to be costed")
 
+    def parameter_parts(self) -> dict[str, str]:
+        """The part each parameter belongs to, by its name in the layer: "experts" (the routed
+        experts' weights, a submodule named `experts`), "shared_experts" (what every token passes
+        through: a submodule or parameter whose name starts with `shared`) or "router" (the rest:
+        what decides where tokens go and how outputs mix, such as routers, slot embeddings, scales).
+        A layer whose parameters follow other names overrides this."""
+        parts = {}
+        for name, _ in self.named_parameters():
+            top = name.split(".")[0]
+            parts[name] = "experts" if top == "experts" else "shared_experts" if top.startswith("shared") else "router"
+        return parts
 
     def before_optimizer_step(self) -> None:
         """Called by the training loop once per optimizer step, on every data-parallel rank, after

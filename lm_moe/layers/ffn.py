@@ -163,6 +163,9 @@ class DenseFFN(FeedForwardLayer):
         super().__init__()
         self.expert = ExpertWeights(1, dim, hidden_dim, activation)
 
+    def parameter_parts(self) -> dict[str, str]:
+        return {name: "dense_ffn" for name, _ in self.named_parameters()}
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
         """`mask` [B, T] (True = real token): padded positions output 0, as in every MoE layer."""
         check_layer_input(x, mask, self.expert.dim)

@@ -10,6 +10,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from lm_moe.argument_checks import require_fraction, require_non_negative_int
 from lm_moe.layers.feed_forward_layer import feed_forward_layers
 from lm_moe.lit.checkpoints import require_matching_state
+from lm_moe.lit.fine_tuning import apply_part_settings, report_trainable
 from lm_moe.lit.moe_metrics import log_moe_stats
 from lm_moe.lit.optim import check_adamw_settings, configure_adamw
 from lm_moe.models.vit import ViT
@@ -41,15 +42,23 @@ class ImageClassifier(pl.LightningModule):
         min_lr_ratio: float = 0.1,
         label_smoothing: float = 0.0,
         logged_images: int = 8,
+        init_from: str | None = None,
+        freeze: list[str] | None = None,
+        lr_scale: dict[str, float] | None = None,
         **vit_kwargs,
     ):
-        """`vit_kwargs` are ViT's arguments (patch_size, dim, depth, ffn, moe_blocks, ...); the CLI shows them."""
+        """`vit_kwargs` are ViT's arguments (patch_size, dim, depth, ffn, moe_blocks, ...); the CLI shows them.
+        Fine-tuning (lm_moe.lit.fine_tuning, docs/fine_tuning.md): `init_from`, a checkpoint file or
+        export folder whose weights a new `fit` starts from (fresh optimizer, schedule and steps);
+        `freeze`, parts that do not train (experts, router, shared_experts, dense_ffn, attention,
+        embeddings, norms, head, non_moe); `lr_scale`, a learning-rate multiplier per part."""
         super().__init__()
         check_adamw_settings(learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio)
         require_fraction("label_smoothing", label_smoothing)
         require_non_negative_int("logged_images", logged_images)
         self.save_hyperparameters()
         self.model = ViT(num_classes, image_size, channels, **vit_kwargs)
+        apply_part_settings(self.model, freeze, lr_scale)
         self.accuracy_k = [k for k in TOP_K if k == 1 or k < num_classes]
         self.stage_metrics = torch.nn.ModuleDict({stage: self._metrics(num_classes) for stage in ("val", "test")})
         self._shown: dict[str, torch.Tensor] | None = None  # validation images kept for the figure
@@ -126,6 +135,9 @@ class ImageClassifier(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Before Lightning loads the weights: a clear error instead of a wall of missing keys.
         require_matching_state(checkpoint["state_dict"], self.state_dict())
+
+    def on_fit_start(self) -> None:
+        report_trainable(self)
 
     def configure_optimizers(self) -> dict:
         return configure_adamw(self)

@@ -11,6 +11,7 @@ from lm_moe.argument_checks import require_non_negative_int, require_positive_in
 from lm_moe.layers.batch_groups import fill_groups, required_batch_multiple
 from lm_moe.layers.feed_forward_layer import feed_forward_layers
 from lm_moe.lit.checkpoints import require_matching_state
+from lm_moe.lit.fine_tuning import apply_part_settings, report_trainable
 from lm_moe.lit.moe_metrics import log_moe_stats
 from lm_moe.lit.optim import check_adamw_settings, configure_adamw
 from lm_moe.models.generation import check_sampling, generate
@@ -53,16 +54,24 @@ class LanguageModel(pl.LightningModule):
         min_lr_ratio: float = 0.1,
         sampling: SamplingSettings = SamplingSettings(),
         compile: bool = False,
+        init_from: str | None = None,
+        freeze: list[str] | None = None,
+        lr_scale: dict[str, float] | None = None,
         **gpt_kwargs,
     ):
         """`gpt_kwargs` are GPT's arguments (n_layer, dim, ffn, moe_blocks, ...); the CLI shows them.
-        `compile=True` runs the training forward through torch.compile."""
+        `compile=True` runs the training forward through torch.compile.
+        Fine-tuning (lm_moe.lit.fine_tuning, docs/fine_tuning.md): `init_from`, a checkpoint file or
+        export folder whose weights a new `fit` starts from (fresh optimizer, schedule and steps);
+        `freeze`, parts that do not train (experts, router, shared_experts, dense_ffn, attention,
+        embeddings, norms, head, non_moe); `lr_scale`, a learning-rate multiplier per part."""
         super().__init__()
         check_adamw_settings(learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio)
         self.save_hyperparameters()
         # Checkpoints store the settings as a dict; rebuild the dataclass when loading one.
         self.sampling = sampling if isinstance(sampling, SamplingSettings) else SamplingSettings(**sampling)
         self.model = GPT(vocab_size, block_size, **gpt_kwargs)
+        apply_part_settings(self.model, freeze, lr_scale)
         # Mixture of Tokens mixes groups of rows: a short last evaluation batch is filled up to whole groups.
         self.batch_multiple = required_batch_multiple(self.model)
         # torch.compile for the training and evaluation forward only: decoding with a growing cache
@@ -159,6 +168,9 @@ class LanguageModel(pl.LightningModule):
             generator=self._sampling_generator,
         )  # [B, P + new]
         return {"prompt_ids": prompt, "generated_ids": tokens[:, prompt.shape[1] :]}
+
+    def on_fit_start(self) -> None:
+        report_trainable(self)
 
     def configure_optimizers(self) -> dict:
         return configure_adamw(self)

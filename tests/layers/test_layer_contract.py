@@ -22,6 +22,17 @@ def test_every_layer_is_a_feed_forward_layer(name):
     assert isinstance(LAYERS[name].build(), layers.FeedForwardLayer)
 
 
+@pytest.mark.parametrize("name", LAYERS)
+def test_every_parameter_of_every_layer_is_in_one_part(name):
+    layer = LAYERS[name].build()
+    parts = layer.parameter_parts()
+    assert set(parts) == {parameter_name for parameter_name, _ in layer.named_parameters()}
+    expected = {"dense_ffn"} if isinstance(layer, layers.DenseFFN) else {"experts", "router", "shared_experts"}
+    assert set(parts.values()) <= expected
+    if not isinstance(layer, layers.DenseFFN):
+        assert "experts" in parts.values()
+
+
 @pytest.mark.parametrize(
     "name, overrides, message",
     [

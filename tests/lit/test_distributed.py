@@ -82,6 +82,19 @@ def test_two_process_ddp_fit_completes_and_resumes_in_one_process(config, tmp_pa
     assert resumed.trainer.global_step == 6
 
 
+def test_two_process_ddp_fine_tune_with_frozen_parts_trains_them_not(trained_top2, tmp_path):
+    # DDP without find_unused_parameters: frozen parameters are left out of its reducer.
+    work, cache = trained_top2
+    source = work / "runs/top2/version_0/checkpoints/last.ckpt"
+    run_cli(tmp_path, "fit", "-c", str(REPO / "configs/lm/top2.yaml"), "-c", str(REPO / "configs/trainer/cpu_ddp.yaml"),
+            *tiny_args(cache), f"--model.init_from={source}", "--model.freeze=[experts, attention]")
+    tuned = read_checkpoint(tmp_path / "runs/top2/version_0/checkpoints/last.ckpt")["state_dict"]
+    trained = read_checkpoint(source)["state_dict"]
+    for name, tensor in tuned.items():
+        frozen = ".experts." in name or ".attn." in name
+        assert torch.equal(tensor, trained[name]) == frozen or "expert_bias" in name, name
+
+
 def _ddp_gradients(rank: int, world_size: int, config: str, state: dict, init_file: str, ids: torch.Tensor, out_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:

@@ -27,7 +27,7 @@ def model_with_gradients(seed: int = 0) -> nn.Module:
 def test_fused_adamw_steps_like_the_reference_adamw():
     fused_model, reference_model = model_with_gradients(), model_with_gradients()
     fused = build_adamw_with_schedule(fused_model, **SETTINGS)["optimizer"]
-    reference = torch.optim.AdamW(adamw_param_groups(reference_model, 0.1), lr=1e-2, betas=(0.9, 0.95), foreach=False)
+    reference = torch.optim.AdamW(adamw_param_groups(reference_model, 0.1, 1e-2), lr=1e-2, betas=(0.9, 0.95), foreach=False)
     assert fused.defaults["fused"] is True
     for _ in range(3):
         fused.step()
@@ -105,7 +105,7 @@ def test_both_lightning_modules_check_their_optimizer_settings_when_built(module
 
 def test_weight_decay_groups_are_named_and_spare_norms_biases_and_embeddings():
     model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.LayerNorm(8))
-    decay, no_decay = adamw_param_groups(model, 0.1)
+    decay, no_decay = adamw_param_groups(model, 0.1, 1e-3)
     assert (decay["name"], decay["weight_decay"], no_decay["name"], no_decay["weight_decay"]) == ("decay", 0.1, "no_decay", 0.0)
     assert [p.shape for p in decay["params"]] == [(8, 8)]  # the linear weight alone
     assert sorted(p.numel() for p in no_decay["params"]) == [8, 8, 8, 80]  # bias, norm weight and bias, embedding
@@ -118,7 +118,7 @@ def test_soft_moe_slot_embeddings_and_null_outputs_are_not_decayed():
         LaggedChunkSoftMoE(8, 16, 2, chunk_size=4),
         MixtureOfTokens(8, 16, 2, group_size=2),
     ])
-    decay, no_decay = adamw_param_groups(layers, 0.1)
+    decay, no_decay = adamw_param_groups(layers, 0.1, 1e-3)
     exempt = {id(layer.slot_embeddings) for layer in layers} | {id(layers[2].null_outputs)}
     assert exempt <= {id(p) for p in no_decay["params"]}
     # Everything else of two or more dimensions is decayed: the stacked expert (and shared expert) weights.

@@ -63,3 +63,13 @@ class BatchFingerprints(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.batches.append((trainer.global_step, tuple(batch["input_ids"][:, 0].tolist())))
+
+
+class WeightsAtStart(pl.Callback):
+    """Records, as training starts, the model's weights (`weights`), the step and the optimizer
+    state entries (`step`, `optimizer_entries`): what a run starts from."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.weights = {name: tensor.detach().clone() for name, tensor in pl_module.model.state_dict().items()}
+        self.step = trainer.global_step
+        self.optimizer_entries = len(trainer.optimizers[0].state)
