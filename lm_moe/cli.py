@@ -40,6 +40,7 @@ from lm_moe.lit.checkpoints import (
 )
 from lm_moe.lit.fine_tuning import load_initial_weights
 from lm_moe.lit.interruption import CheckpointOnInterrupt
+from lm_moe.lit.upcycling import upcycle_from_dense
 from lm_moe.lit.progress_bar import StepProgressBar
 from lm_moe.lit.safe_loading import ESCAPE_FLAG, ESCAPE_HELP, use_safe_loading
 
@@ -215,13 +216,16 @@ class LmMoeCLI(LightningCLI):
                     f"the checkpoint was trained with other settings than this {self.subcommand} uses "
                     f"(the config's apply): {'; '.join(differences)}"
                 )
-        init_from = self.model.hparams.get("init_from")
-        if self.subcommand == "fit" and init_from is not None:
-            if ckpt_path is None:  # a new run from trained weights: loaded here, before any data work
-                load_initial_weights(self.model.model, init_from, config.get("task") or "lm")
+        hparams = self.model.hparams
+        start_from = hparams.get("init_from") or hparams.get("upcycle_from")
+        if self.subcommand == "fit" and start_from is not None:
+            task = config.get("task") or "lm"
+            if ckpt_path is not None:
+                rank_zero_info(f"{start_from} is not loaded: --ckpt_path resumes the run from its own checkpoint")
+            elif hparams.get("init_from"):  # a new run from trained weights: loaded here, before any data work
+                load_initial_weights(self.model.model, start_from, task)
             else:
-                rank_zero_info(f"model.init_from {init_from} is not loaded: --ckpt_path resumes the run "
-                               "from its own checkpoint")
+                upcycle_from_dense(self.model.model, start_from, task, hparams.get("upcycle_noise", 0.0))
 
     def before_validate(self) -> None:
         """before_fit's checks; and evaluating without a checkpoint is the freshly built model:

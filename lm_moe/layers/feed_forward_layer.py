@@ -31,6 +31,7 @@ class FeedForwardLayer(nn.Module):
     before_optimizer_step: what the layer does once per optimizer step (loss-free balancing).
     parameter_parts: which part (experts, router, ...) each parameter is, for freezing and per-part
         learning rates (`lm_moe.lit.fine_tuning`).
+    upcycle_from_dense: start the layer's experts from a trained dense MLP (`lm_moe.lit.upcycling`).
     The stats in `LayerAux.stats` declare by their dtype how data-parallel ranks combine them.
     """
 
@@ -98,6 +99,23 @@ class FeedForwardLayer(nn.Module):
             top = name.split(".")[0]
             parts[name] = "experts" if top == "experts" else "shared_experts" if top.startswith("shared") else "router"
         return parts
+
+    def upcycle_from_dense(self, dense, noise: float = 0.0) -> None:
+        """Sparse upcycling (Komatsuzaki et al., 2022): every expert starts as a copy of `dense`, the
+        trained MLP (an `ExpertWeights` of one expert) this layer replaces, with relative noise
+        `noise` (see `ExpertWeights.copy_from`); the routing keeps its fresh initialisation. By
+        default every `ExpertWeights` of the layer is copied into, shared experts included; one of
+        another width is refused with a ValueError naming it. A layer that can start out computing
+        exactly what the dense MLP computes adjusts the copies (TopKMoE)."""
+        from lm_moe.layers.ffn import ExpertWeights  # ffn.py builds on this module
+
+        for name, module in self.named_modules():
+            if isinstance(module, ExpertWeights):
+                try:
+                    module.copy_from(dense, noise)
+                except ValueError as error:
+                    raise ValueError(f"{type(self).__name__}.{name}: {error}; upcycling copies the dense MLP into "
+                                     "experts of its own width") from None
 
     def before_optimizer_step(self) -> None:
         """Called by the training loop once per optimizer step, on every data-parallel rank, after

@@ -105,6 +105,20 @@ class ExpertWeights(nn.Module):
             bound = self.init_scale / math.sqrt(fan_in)
             nn.init.uniform_(weight, -bound, bound)
 
+    @torch.no_grad()
+    def copy_from(self, source: "ExpertWeights", noise: float = 0.0) -> None:
+        """Make every expert a copy of `source`'s one expert (sparse upcycling), each copy with
+        Gaussian noise of `noise` times the standard deviation of each source matrix added. The
+        widths and activation must match: a ValueError says which differ."""
+        if (source.num_experts, source.dim, source.hidden_dim, source.activation) != (1, self.dim, self.hidden_dim,
+                                                                                      self.activation):
+            raise ValueError(f"the dense MLP ({source.activation}, width {source.hidden_dim}, dim {source.dim}) does not "
+                             f"fit experts of {self.activation}, width {self.hidden_dim}, dim {self.dim}")
+        for weight, trained in ((self.w_in, source.w_in), (self.w_out, source.w_out)):
+            weight.copy_(trained.expand_as(weight))
+            if noise:
+                weight.add_(torch.randn_like(weight) * (noise * trained.std()))
+
     def activate(self, h: torch.Tensor) -> torch.Tensor:
         """The nonlinearity between w_in and w_out, then the dropout: h [..., H or 2H] -> [..., H]."""
         if self.activation == "swiglu":
@@ -165,6 +179,10 @@ class DenseFFN(FeedForwardLayer):
 
     def parameter_parts(self) -> dict[str, str]:
         return {name: "dense_ffn" for name, _ in self.named_parameters()}
+
+    def upcycle_from_dense(self, dense: "ExpertWeights", noise: float = 0.0) -> None:
+        """A dense block of an upcycled model keeps the trained MLP as it is."""
+        self.expert.copy_from(dense)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
         """`mask` [B, T] (True = real token): padded positions output 0, as in every MoE layer."""

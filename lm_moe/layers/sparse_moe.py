@@ -184,6 +184,15 @@ class TopKMoE(FeedForwardLayer):
         """False where the batch shares one capacity: a row's drops depend on the rows before it."""
         return self.capacity_factor is None or self.capacity_group == "sequence"
 
+    @torch.no_grad()
+    def upcycle_from_dense(self, dense, noise: float = 0.0) -> None:
+        """The experts copy the dense MLP; with renormalised weights, whose k weights sum to
+        `route_scale`, the routed experts' output matrices are divided by it: the layer then starts
+        out computing exactly the dense MLP (plus any shared expert, also a copy)."""
+        super().upcycle_from_dense(dense, noise)
+        if self.router.renormalize:
+            self.experts.w_out.div_(self.router.route_scale)
+
     def parameter_macs_per_token(self) -> float:
         """The router (D*E), the top_k chosen experts, and the shared expert and its gate."""
         shared = 0 if self.shared is None else self.shared.parameters_per_expert

@@ -21,6 +21,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lm_moe.argument_checks import require_non_negative_float
 from lm_moe.layers.attention import CausalSelfAttention
 from lm_moe.layers.encoder_attention import EncoderSelfAttention
 from lm_moe.layers.feed_forward_layer import FeedForwardLayer
@@ -126,6 +127,16 @@ def load_initial_weights(model: nn.Module, path: str | Path, task: str) -> None:
         model.load_state_dict(state)
     rank_zero_info(f"model.init_from: the weights of {path} loaded ({sum(t.numel() for t in state.values()):,} "
                    "numbers); the optimizer, schedule and step count start afresh")
+
+
+def check_starting_weights(init_from: str | None, upcycle_from: str | None, upcycle_noise: float) -> None:
+    """A run starts from one set of trained weights: `init_from` (the same architecture) or
+    `upcycle_from` (a dense model, into this MoE), not both; the noise is a non-negative number."""
+    if init_from is not None and upcycle_from is not None:
+        raise ValueError(f"model.init_from ({init_from}) and model.upcycle_from ({upcycle_from}) both name the "
+                         "weights to start from: give one (init_from: a model of this architecture; upcycle_from: "
+                         "a dense one, whose MLPs the experts copy)")
+    require_non_negative_float("upcycle_noise", upcycle_noise)
 
 
 def apply_part_settings(model: nn.Module, freeze: list[str] | None, lr_scale: dict[str, float] | None) -> None:

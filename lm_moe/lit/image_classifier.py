@@ -10,7 +10,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from lm_moe.argument_checks import require_fraction, require_non_negative_int
 from lm_moe.layers.feed_forward_layer import feed_forward_layers
 from lm_moe.lit.checkpoints import require_matching_state
-from lm_moe.lit.fine_tuning import apply_part_settings, report_trainable
+from lm_moe.lit.fine_tuning import apply_part_settings, check_starting_weights, report_trainable
 from lm_moe.lit.moe_metrics import log_moe_stats
 from lm_moe.lit.optim import check_adamw_settings, configure_adamw
 from lm_moe.models.vit import ViT
@@ -43,6 +43,8 @@ class ImageClassifier(pl.LightningModule):
         label_smoothing: float = 0.0,
         logged_images: int = 8,
         init_from: str | None = None,
+        upcycle_from: str | None = None,
+        upcycle_noise: float = 0.0,
         freeze: list[str] | None = None,
         lr_scale: dict[str, float] | None = None,
         **vit_kwargs,
@@ -51,13 +53,16 @@ class ImageClassifier(pl.LightningModule):
         Fine-tuning (lm_moe.lit.fine_tuning, docs/fine_tuning.md): `init_from`, a checkpoint file or
         export folder whose weights a new `fit` starts from (fresh optimizer, schedule and steps);
         `freeze`, parts that do not train (experts, router, shared_experts, dense_ffn, attention,
-        embeddings, norms, head, non_moe); `lr_scale`, a learning-rate multiplier per part."""
+        embeddings, norms, head, non_moe); `lr_scale`, a learning-rate multiplier per part;
+        `upcycle_from`, a dense model's checkpoint whose MLPs every expert starts as a copy of
+        (lm_moe.lit.upcycling), with relative noise `upcycle_noise`."""
         super().__init__()
         check_adamw_settings(learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio)
         require_fraction("label_smoothing", label_smoothing)
         require_non_negative_int("logged_images", logged_images)
         self.save_hyperparameters()
         self.model = ViT(num_classes, image_size, channels, **vit_kwargs)
+        check_starting_weights(init_from, upcycle_from, upcycle_noise)
         apply_part_settings(self.model, freeze, lr_scale)
         self.accuracy_k = [k for k in TOP_K if k == 1 or k < num_classes]
         self.stage_metrics = torch.nn.ModuleDict({stage: self._metrics(num_classes) for stage in ("val", "test")})

@@ -11,7 +11,7 @@ from lm_moe.argument_checks import require_non_negative_int, require_positive_in
 from lm_moe.layers.batch_groups import fill_groups, required_batch_multiple
 from lm_moe.layers.feed_forward_layer import feed_forward_layers
 from lm_moe.lit.checkpoints import require_matching_state
-from lm_moe.lit.fine_tuning import apply_part_settings, report_trainable
+from lm_moe.lit.fine_tuning import apply_part_settings, check_starting_weights, report_trainable
 from lm_moe.lit.moe_metrics import log_moe_stats
 from lm_moe.lit.optim import check_adamw_settings, configure_adamw
 from lm_moe.models.generation import check_sampling, generate
@@ -55,6 +55,8 @@ class LanguageModel(pl.LightningModule):
         sampling: SamplingSettings = SamplingSettings(),
         compile: bool = False,
         init_from: str | None = None,
+        upcycle_from: str | None = None,
+        upcycle_noise: float = 0.0,
         freeze: list[str] | None = None,
         lr_scale: dict[str, float] | None = None,
         **gpt_kwargs,
@@ -64,13 +66,16 @@ class LanguageModel(pl.LightningModule):
         Fine-tuning (lm_moe.lit.fine_tuning, docs/fine_tuning.md): `init_from`, a checkpoint file or
         export folder whose weights a new `fit` starts from (fresh optimizer, schedule and steps);
         `freeze`, parts that do not train (experts, router, shared_experts, dense_ffn, attention,
-        embeddings, norms, head, non_moe); `lr_scale`, a learning-rate multiplier per part."""
+        embeddings, norms, head, non_moe); `lr_scale`, a learning-rate multiplier per part;
+        `upcycle_from`, a dense model's checkpoint whose MLPs every expert starts as a copy of
+        (lm_moe.lit.upcycling), with relative noise `upcycle_noise`."""
         super().__init__()
         check_adamw_settings(learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio)
         self.save_hyperparameters()
         # Checkpoints store the settings as a dict; rebuild the dataclass when loading one.
         self.sampling = sampling if isinstance(sampling, SamplingSettings) else SamplingSettings(**sampling)
         self.model = GPT(vocab_size, block_size, **gpt_kwargs)
+        check_starting_weights(init_from, upcycle_from, upcycle_noise)
         apply_part_settings(self.model, freeze, lr_scale)
         # Mixture of Tokens mixes groups of rows: a short last evaluation batch is filled up to whole groups.
         self.batch_multiple = required_batch_multiple(self.model)
