@@ -26,8 +26,6 @@ the final validation losses (mean and spread over seeds).
 import argparse
 import importlib.util
 import json
-import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,6 +39,7 @@ from lm_moe.data.text import TextDataModule
 from lm_moe.lit.optim import build_adamw_with_schedule
 from lm_moe.output_files import write_text_atomically
 from lm_moe.profiling.models import refused_configs
+from lm_moe.profiling.seed_statistics import spread
 
 PROG = "reference_pair.py"
 HF_MODELS = ("hf_mixtral", "hf_mistral")
@@ -166,9 +165,7 @@ def summary_table(out: Path, names: list[str], seeds: list[int]) -> str:
                 curve = json.loads(path.read_text())["curve"]
                 finals.append(curve[max(curve, key=int)])
         if finals:
-            spread = statistics.stdev(finals) if len(finals) > 1 else math.nan
-            lines.append(f"| {name} | {len(finals)} | {statistics.mean(finals):.3f} ± {spread:.3f} | "
-                         f"{', '.join(f'{v:.3f}' for v in finals)} |")
+            lines.append(f"| {name} | {len(finals)} | {spread(finals)} | {', '.join(f'{v:.3f}' for v in finals)} |")
     return "\n".join(lines)
 
 

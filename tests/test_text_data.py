@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lm_moe.data import TextDataModule
-from lm_moe.data.text import resolve_data_files
+from lm_moe.data.text import STDLIB_TESTS, resolve_data_files, stdlib_files
 
 N_DOCS = 30
 WORDS = "alpha beta gamma delta expert router token slot causal mixture softmax dispatch combine".split()
@@ -254,3 +254,16 @@ def test_unknown_dataset_offline(tmp_path):
 def test_bad_arguments_name_the_problem(tmp_path, corpus, kwargs, message):
     with pytest.raises(ValueError, match=message):
         _module(tmp_path, **{**corpus["txt"], **kwargs})
+
+
+def test_the_stdlib_test_suites_are_a_second_corpus_disjoint_from_the_default(tmp_path):
+    modules, tests = stdlib_files(), stdlib_files(tests=True)
+    assert len(tests) > 100 and not set(modules) & set(tests)
+    assert all({"test", "tests", "idle_test"} & set(Path(path).parts) for path in tests)
+    assert not any({"test", "tests", "idle_test"} & set(Path(path).parts) for path in modules)
+    for path in tests:
+        Path(path).read_text(encoding="utf-8")  # the malformed-on-purpose files are left out
+    module = TextDataModule(dataset=STDLIB_TESTS, max_documents=20, vocab_size=512, block_size=32,
+                            cache_dir=str(tmp_path / "cache"))
+    module.setup("fit")
+    assert len(module.train_set) > 0 and len(module.val_set) > 0

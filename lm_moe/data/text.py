@@ -38,29 +38,43 @@ from lm_moe.data.loaders import batches_trained, evaluation_loader, training_loa
 from lm_moe.data.tokenizer import load_encoding
 
 STDLIB = "python-stdlib"
+STDLIB_TESTS = "python-stdlib-tests"  # a second offline corpus, of another kind: the test suites
 
 # Local file suffix -> `datasets` builder. A .txt file is one document.
 _BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 # Standard-library folders left out of the default corpus: test suites (many distributions
 # ship them separately, and they hold deliberately malformed files) and installed packages.
-_STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+_STDLIB_TEST_DIRS = {"test", "tests", "idle_test"}
+_STDLIB_SKIP_DIRS = {*_STDLIB_TEST_DIRS, "site-packages", "dist-packages", "__pycache__"}
 
 # Part of the tokenised cache's key: bump it when `_tokenize` changes what it writes.
 _TOKENIZE_VERSION = "1"
 
 
-def stdlib_files() -> list[str]:
-    """The standard library's non-empty .py files (tests and site-packages left out), sorted."""
+def stdlib_files(tests: bool = False) -> list[str]:
+    """The standard library's non-empty .py files, sorted: its modules (test suites and installed
+    packages left out), or with `tests` its test suites alone, less the few files that are not
+    UTF-8 (malformed on purpose)."""
     root = sysconfig.get_paths()["stdlib"]
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in _STDLIB_SKIP_DIRS]
-        files += [os.path.join(dirpath, name) for name in filenames if name.endswith(".py")]
-    files = sorted(path for path in files if os.path.getsize(path) > 0)
+        in_tests = bool(_STDLIB_TEST_DIRS & set(Path(os.path.relpath(dirpath, root)).parts))
+        dirnames[:] = [d for d in dirnames if d not in (_STDLIB_SKIP_DIRS - _STDLIB_TEST_DIRS if tests else _STDLIB_SKIP_DIRS)]
+        if in_tests == tests:
+            files += [os.path.join(dirpath, name) for name in filenames if name.endswith(".py")]
+    files = sorted(path for path in files if os.path.getsize(path) > 0 and (not tests or _is_utf8(path)))
     if not files:
-        raise FileNotFoundError(f"no .py files found in the standard library at {root!r}")
+        raise FileNotFoundError(f"no {'test suite ' if tests else ''}.py files found in the standard library at {root!r}")
     return files
+
+
+def _is_utf8(path: str) -> bool:
+    try:
+        Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def resolve_data_files(data_files: str | list[str]) -> list[str]:
@@ -129,7 +143,8 @@ class TextDataModule(pl.LightningDataModule):
 
     Args:
         dataset: `"python-stdlib"` (offline default: the standard library's .py files, test
-            suites left out), or a Hugging Face Hub dataset name (needs network or a cache).
+            suites left out), `"python-stdlib-tests"` (offline: its test suites alone, a corpus of
+            another kind for fine-tuning), or a Hugging Face Hub dataset name (needs network or a cache).
         data_files: local .txt / .jsonl / .json / .parquet files or globs, one format per run,
             replacing the default corpus. A .txt file is one document. With a Hub `dataset`,
             they select files inside that dataset instead.
@@ -196,8 +211,8 @@ class TextDataModule(pl.LightningDataModule):
         # Local sources are listed now, so a wrong path fails before anything else runs.
         self._local_files: list[str] | None = None  # both stay None for a Hub dataset
         self._builder: str | None = None
-        if dataset == STDLIB and data_files is None:
-            self._local_files, self._builder = stdlib_files(), "text"
+        if dataset in (STDLIB, STDLIB_TESTS) and data_files is None:
+            self._local_files, self._builder = stdlib_files(tests=dataset == STDLIB_TESTS), "text"
         elif dataset == STDLIB:
             self._local_files = resolve_data_files(data_files)
             self._builder = _builder_for(self._local_files)
