@@ -32,6 +32,7 @@ class FeedForwardLayer(nn.Module):
     parameter_parts: which part (experts, router, ...) each parameter is, for freezing and per-part
         learning rates (`lm_moe.lit.fine_tuning`).
     upcycle_from_dense: start the layer's experts from a trained dense MLP (`lm_moe.lit.upcycling`).
+    shard_experts: keep only this rank's experts, under expert parallelism.
     The stats in `LayerAux.stats` declare by their dtype how data-parallel ranks combine them.
     """
 
@@ -116,6 +117,13 @@ class FeedForwardLayer(nn.Module):
                 except ValueError as error:
                     raise ValueError(f"{type(self).__name__}.{name}: {error}; upcycling copies the dense MLP into "
                                      "experts of its own width") from None
+
+    def shard_experts(self, shard) -> None:
+        """Expert parallelism: keep only this rank's experts (`shard`, an
+        `lm_moe.layers.expert_parallel.ExpertShard`) and send each token's rows to the rank that
+        holds its expert. A layer that does not support it leaves this default, which refuses."""
+        raise ValueError(f"{type(self).__name__} does not support expert parallelism "
+                         "(the layers that do: TopKMoE, ReMoE)")
 
     def before_optimizer_step(self) -> None:
         """Called by the training loop once per optimizer step, on every data-parallel rank, after

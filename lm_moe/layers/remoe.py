@@ -23,6 +23,7 @@ from torch import nn
 
 from lm_moe.argument_checks import require_positive_float, require_positive_int
 from lm_moe.layers.expert_dispatch import run_choices
+from lm_moe.layers.expert_parallel import ExpertShard, keep_shard
 from lm_moe.layers.feed_forward_layer import FeedForwardLayer
 from lm_moe.layers.ffn import ExpertWeights
 from lm_moe.layers.inputs import check_layer_input
@@ -72,12 +73,18 @@ class ReMoE(FeedForwardLayer):
         self.target_active = target_active
         self.target_sparsity = 1 - target_active / num_experts
         self.experts = ExpertWeights(num_experts, dim, hidden_dim, activation, dropout=expert_dropout)
+        self.expert_shard: ExpertShard | None = None  # under expert parallelism, this rank's share
         self.router = nn.Parameter(torch.randn(num_experts, dim) * require_positive_float("router_init_std",
                                                                                           router_init_std))  # [E, D]
         self.register_buffer("l1_coefficient", torch.tensor(require_positive_float("l1_init", l1_init)))
         # The gates on per expert and the tokens [E + 1] of this optimizer step so far, summed over
         # ranks; a plain attribute, not a buffer: DDP would overwrite every rank's counts with rank 0's.
         self._step_counts: torch.Tensor | None = None
+
+    def shard_experts(self, shard: ExpertShard) -> None:
+        """Keep this rank's E / shard.size experts; their rows travel by all-to-all (expert_parallel)."""
+        keep_shard(self.experts, shard)
+        self.expert_shard = shard
 
     def parameter_macs_per_token(self) -> float:
         """The router (D*E) and, on average, target_active experts (the sparsity the penalty holds)."""
@@ -96,7 +103,8 @@ class ReMoE(FeedForwardLayer):
             gates = gates * valid.unsqueeze(-1)
         on = gates > 0  # [N, E]
         choice_token, choice_expert = on.nonzero(as_tuple=True)  # [C], [C], token-major
-        choice_out, rows_per_expert = run_choices(self.experts, tokens, choice_expert, choice_token)  # [C, D], [E]
+        choice_out, rows_per_expert = run_choices(self.experts, tokens, choice_expert, choice_token,
+                                                  shard=self.expert_shard)  # [C, D], [E]
         weight = gates[choice_token, choice_expert].to(choice_out.dtype).unsqueeze(-1)  # [C, 1]
         y = torch.zeros_like(tokens, dtype=choice_out.dtype).index_add_(0, choice_token, weight * choice_out)  # [N, D]
 

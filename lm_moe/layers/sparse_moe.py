@@ -12,6 +12,7 @@ from lm_moe.argument_checks import (
     require_positive_int,
 )
 from lm_moe.layers.expert_dispatch import run_choices
+from lm_moe.layers.expert_parallel import ExpertShard, keep_shard
 from lm_moe.layers.feed_forward_layer import FeedForwardLayer
 from lm_moe.layers.ffn import ExpertWeights
 from lm_moe.layers.inputs import check_layer_input
@@ -153,6 +154,7 @@ class TopKMoE(FeedForwardLayer):
         require_choice("capacity_group", capacity_group, CAPACITY_GROUPS)
         self.capacity_group = capacity_group
         self.experts = ExpertWeights(num_experts, dim, hidden_dim, activation, dropout=expert_dropout)
+        self.expert_shard: ExpertShard | None = None  # under expert parallelism, this rank's share
         if route_scale is None:
             route_scale = top_k if renormalize else 1.0
         self.router = TopKRouter(dim, num_experts, top_k, renormalize, jitter_noise,
@@ -183,6 +185,11 @@ class TopKMoE(FeedForwardLayer):
     def per_example_deterministic(self) -> bool:
         """False where the batch shares one capacity: a row's drops depend on the rows before it."""
         return self.capacity_factor is None or self.capacity_group == "sequence"
+
+    def shard_experts(self, shard: ExpertShard) -> None:
+        """Keep this rank's E / shard.size experts; their rows travel by all-to-all (expert_parallel)."""
+        keep_shard(self.experts, shard)
+        self.expert_shard = shard
 
     @torch.no_grad()
     def upcycle_from_dense(self, dense, noise: float = 0.0) -> None:
@@ -236,7 +243,8 @@ class TopKMoE(FeedForwardLayer):
             choice_expert = choice_expert.masked_fill(~served.reshape(-1), E)
         choice_token = torch.arange(B * T * k, device=x.device) // k  # [N*k]
         choice_out, rows_per_expert = run_choices(self.experts, tokens, choice_expert, choice_token,
-                                                  some_unserved=served is not None)  # [N*k, D], [E]
+                                                  some_unserved=served is not None,
+                                                  shard=self.expert_shard)  # [N*k, D], [E]
         choice_out = choice_out.view(B * T, k, D)  # [N, k, D]
         # Each token's gate-weighted sum over its k choices.
         # Contiguous: CPU bmm over thousands of tiny matrices falls back to a loop on strided ones.
