@@ -22,15 +22,41 @@ from lm_moe.layers.ffn import ExpertWeights
 @dataclass(frozen=True)
 class ExpertShard:
     """This rank's share of a layer's experts: the `size` ranks of `group` hold E / size experts
-    each, rank r those numbered r * E / size and up."""
+    each, rank r those numbered r * E / size and up. Combined with data parallelism, the ranks of
+    `replicas` hold the same shard; `gradient_divisor` is what the data-parallel average divides by
+    (the number of ranks whose losses are averaged)."""
 
     group: dist.ProcessGroup
     rank: int
     size: int
+    replicas: dist.ProcessGroup | None = None
+    gradient_divisor: int = 1
 
     @classmethod
-    def of_group(cls, group: dist.ProcessGroup) -> "ExpertShard":
-        return cls(group, dist.get_rank(group), dist.get_world_size(group))
+    def of_group(cls, group: dist.ProcessGroup, replicas: dist.ProcessGroup | None = None,
+                 gradient_divisor: int = 1) -> "ExpertShard":
+        return cls(group, dist.get_rank(group), dist.get_world_size(group), replicas, gradient_divisor)
+
+    def average_gradients(self, experts: ExpertWeights) -> None:
+        """Once per optimizer step: the shard's gradients (each the sum over the rows every rank of
+        `group` sent it) summed over its replicas and divided as the data-parallel average divides
+        the replicated parameters' gradients."""
+        for parameter in experts.parameters():
+            if parameter.grad is None:
+                continue
+            if self.replicas is not None:
+                dist.all_reduce(parameter.grad, group=self.replicas)
+            parameter.grad.div_(self.gradient_divisor)
+
+    def gather(self, shard: torch.Tensor) -> torch.Tensor:
+        """The full tensor of the shards of every rank of `group`, concatenated along dim 0."""
+        pieces = [torch.empty_like(shard) for _ in range(self.size)]
+        dist.all_gather(pieces, shard.contiguous(), group=self.group)
+        return torch.cat(pieces)
+
+    def local(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of a full tensor (dim 0 split in `size` equal parts)."""
+        return full.chunk(self.size)[self.rank].clone()
 
 
 def keep_shard(experts: ExpertWeights, shard: ExpertShard) -> None:

@@ -122,7 +122,11 @@ class ReMoE(FeedForwardLayer):
         return y.view(B, T, D), aux
 
     def before_optimizer_step(self) -> None:
-        """Adapt the penalty's coefficient to the step's sparsity (the same on every rank)."""
+        """Adapt the penalty's coefficient to the step's sparsity (the same on every rank). Under
+        expert parallelism, first the shard's gradients are averaged as data parallelism averages
+        the others'."""
+        if self.expert_shard is not None:
+            self.expert_shard.average_gradients(self.experts)
         counts, self._step_counts = self._step_counts, None
         if counts is None or counts[-1] == 0:
             return

@@ -279,7 +279,10 @@ class TopKMoE(FeedForwardLayer):
 
     def before_optimizer_step(self) -> None:
         """The loss-free bias update from the step's counts (the same on every rank: the counts
-        are summed over ranks); then the next step counts from zero."""
+        are summed over ranks); then the next step counts from zero. Under expert parallelism,
+        first the shard's gradients are averaged as data parallelism averages the others'."""
+        if self.expert_shard is not None:
+            self.expert_shard.average_gradients(self.experts)
         counts, self._step_counts = self._step_counts, None
         if self.expert_bias is not None and counts is not None:
             with torch.no_grad():

@@ -1,6 +1,5 @@
 """The image-classification training system: cross-entropy + MoE aux losses, AdamW, accuracy, logging."""
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import torchmetrics
@@ -8,17 +7,16 @@ from matplotlib.figure import Figure
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from lm_moe.argument_checks import require_fraction, require_non_negative_int
-from lm_moe.layers.feed_forward_layer import feed_forward_layers
-from lm_moe.lit.checkpoints import require_matching_state
-from lm_moe.lit.fine_tuning import apply_part_settings, check_starting_weights, report_trainable
+from lm_moe.lit.fine_tuning import apply_part_settings, check_starting_weights
+from lm_moe.lit.moe_module import MoEModule
 from lm_moe.lit.moe_metrics import log_moe_stats
-from lm_moe.lit.optim import check_adamw_settings, configure_adamw
+from lm_moe.lit.optim import check_adamw_settings
 from lm_moe.models.vit import ViT
 
 TOP_K = (1, 5)  # accuracies reported: val/acc_top1, val/acc_top5 (top-5 only with more than 5 classes)
 
 
-class ImageClassifier(pl.LightningModule):
+class ImageClassifier(MoEModule):
     """Trains `ViT` on batches {"images": [B, C, S, S], "labels": [B]}.
 
     loss = cross-entropy (fp32, optional label smoothing) + the sum of the MoE layers' aux losses.
@@ -132,20 +130,6 @@ class ImageClassifier(pl.LightningModule):
         metrics.reset()
         return values
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """Once per optimizer step, after all its micro-batches: the layers' per-step updates."""
-        for layer in feed_forward_layers(self.model):
-            layer.before_optimizer_step()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Before Lightning loads the weights: a clear error instead of a wall of missing keys.
-        require_matching_state(checkpoint["state_dict"], self.state_dict())
-
-    def on_fit_start(self) -> None:
-        report_trainable(self)
-
-    def configure_optimizers(self) -> dict:
-        return configure_adamw(self)
 
     def _tensorboards(self):
         return [logger.experiment for logger in self.loggers if isinstance(logger, TensorBoardLogger)]

@@ -2,18 +2,16 @@
 
 from dataclasses import dataclass
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import torchmetrics
 
 from lm_moe.argument_checks import require_non_negative_int, require_positive_int
 from lm_moe.layers.batch_groups import fill_groups, required_batch_multiple
-from lm_moe.layers.feed_forward_layer import feed_forward_layers
-from lm_moe.lit.checkpoints import require_matching_state
-from lm_moe.lit.fine_tuning import apply_part_settings, check_starting_weights, report_trainable
+from lm_moe.lit.fine_tuning import apply_part_settings, check_starting_weights
+from lm_moe.lit.moe_module import MoEModule
 from lm_moe.lit.moe_metrics import log_moe_stats
-from lm_moe.lit.optim import check_adamw_settings, configure_adamw
+from lm_moe.lit.optim import check_adamw_settings
 from lm_moe.models.generation import check_sampling, generate
 from lm_moe.models.gpt import GPT
 
@@ -36,7 +34,7 @@ class SamplingSettings:
         check_sampling(self.temperature, self.top_k, self.top_p, prefix="sampling.")
 
 
-class LanguageModel(pl.LightningModule):
+class LanguageModel(MoEModule):
     """Trains `GPT` on batches {"input_ids": [B, T], "targets": [B, T]}.
 
     loss = cross-entropy (fp32) + the sum of the MoE layers' aux losses. `vocab_size` and
@@ -138,15 +136,6 @@ class LanguageModel(pl.LightningModule):
         metric.reset()
         return {f"{stage}/loss": loss, f"{stage}/ppl": torch.exp(loss)}
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """Once per optimizer step, after all its micro-batches: the layers' per-step updates."""
-        for layer in feed_forward_layers(self.model):
-            layer.before_optimizer_step()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Before Lightning loads the weights: a clear error instead of a wall of missing keys.
-        require_matching_state(checkpoint["state_dict"], self.state_dict())
-
     def check_predict_settings(self) -> None:
         """Refuse prompts and continuations that do not fit the context (the CLI asks before any data work)."""
         sampling = self.sampling
@@ -174,8 +163,3 @@ class LanguageModel(pl.LightningModule):
         )  # [B, P + new]
         return {"prompt_ids": prompt, "generated_ids": tokens[:, prompt.shape[1] :]}
 
-    def on_fit_start(self) -> None:
-        report_trainable(self)
-
-    def configure_optimizers(self) -> dict:
-        return configure_adamw(self)

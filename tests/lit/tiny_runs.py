@@ -1,5 +1,6 @@
 """Trainer flags that make any config's run a few seconds long, for the CLI tests of both tasks."""
 
+import json
 import os
 from pathlib import Path
 
@@ -73,3 +74,14 @@ class WeightsAtStart(pl.Callback):
         self.weights = {name: tensor.detach().clone() for name, tensor in pl_module.model.state_dict().items()}
         self.step = trainer.global_step
         self.optimizer_entries = len(trainer.optimizers[0].state)
+
+
+class ExpertCounts(pl.Callback):
+    """Writes, as training starts, the experts each MoE layer holds on this rank, to
+    experts_rank<r>.json in the trainer's root folder."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from lm_moe.layers.feed_forward_layer import feed_forward_layers
+
+        counts = [layer.experts.num_experts for layer in feed_forward_layers(pl_module.model) if hasattr(layer, "experts")]
+        Path(trainer.default_root_dir, f"experts_rank{trainer.global_rank}.json").write_text(json.dumps(counts))
