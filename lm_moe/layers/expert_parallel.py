@@ -103,3 +103,22 @@ def run_sharded(experts: ExpertWeights, shard: ExpertShard, rows: torch.Tensor,
     outputs = experts.forward_grouped(received.index_select(0, order), recv_counts.sum(0))  # [R, D], by local expert
     back = outputs.index_select(0, position)  # [R, D], by source again
     return all_to_all_single_autograd(back, send_splits, recv_splits, shard.group)  # [M, D]
+
+
+def run_sharded_batched(experts: ExpertWeights, shard: ExpertShard, x: torch.Tensor) -> torch.Tensor:
+    """Expert e on its own rows x[e], for all E experts held in shards: x [E, M, D] -> [E, M, D].
+    The slot layers' exchange: every expert has M rows on each rank, so the splits follow from
+    the ranks' M (equal in training, where every rank's batch has the same size)."""
+    E, M, D = x.shape
+    L = experts.num_experts
+    sizes = torch.tensor([M], device=x.device)
+    every_m = [torch.empty_like(sizes) for _ in range(shard.size)]
+    dist.all_gather(every_m, sizes, group=shard.group)
+    rows_from = [int(m) for m in every_m]  # M of each source rank
+    send_splits, recv_splits = [L * M] * shard.size, [L * m for m in rows_from]
+    # x is expert-major, so the rows for rank q (its experts q*L ...) are one contiguous block.
+    received = all_to_all_single_autograd(x.reshape(E * M, D), recv_splits, send_splits, shard.group)  # [sum, D]
+    blocks = [block.view(L, m, D) for block, m in zip(received.split(recv_splits), rows_from)]
+    outputs = experts.forward_batched(torch.cat(blocks, dim=1))  # [L, sum of M, D]
+    back = torch.cat([block.reshape(L * m, D) for block, m in zip(outputs.split(rows_from, dim=1), rows_from)])
+    return all_to_all_single_autograd(back, send_splits, recv_splits, shard.group).view(E, M, D)

@@ -39,6 +39,10 @@ class FeedForwardLayer(nn.Module):
     is_causal: bool = True
     per_example_deterministic: bool = True
     no_weight_decay: tuple[str, ...] = ()
+    # Expert parallelism: a layer whose `experts` (an ExpertWeights) it runs only through the
+    # paths of lm_moe.layers.expert_parallel sets this True; `expert_shard` is then its share.
+    supports_expert_parallelism: bool = False
+    expert_shard = None
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
         """The layer on whole sequences, as in training and evaluation.
@@ -119,11 +123,16 @@ class FeedForwardLayer(nn.Module):
                                      "experts of its own width") from None
 
     def shard_experts(self, shard) -> None:
-        """Expert parallelism: keep only this rank's experts (`shard`, an
-        `lm_moe.layers.expert_parallel.ExpertShard`) and send each token's rows to the rank that
-        holds its expert. A layer that does not support it leaves this default, which refuses."""
-        raise ValueError(f"{type(self).__name__} does not support expert parallelism "
-                         "(the layers that do: TopKMoE, ReMoE)")
+        """Expert parallelism: keep only this rank's share of `experts` (`shard`, an
+        `lm_moe.layers.expert_parallel.ExpertShard`); the layer's expert paths then send the rows
+        to the ranks that hold their experts. Refused by a layer that does not support it."""
+        if not self.supports_expert_parallelism:
+            raise ValueError(f"{type(self).__name__} does not support expert parallelism (the layers that do: "
+                             "TopKMoE, ReMoE, SoftMoE and the causal variants V1-V3)")
+        from lm_moe.layers.expert_parallel import keep_shard  # it builds on ffn.py, which builds on this module
+
+        keep_shard(self.experts, shard)
+        self.expert_shard = shard
 
     def before_optimizer_step(self) -> None:
         """Called by the training loop once per optimizer step, on every data-parallel rank, after

@@ -23,7 +23,6 @@ from torch import nn
 
 from lm_moe.argument_checks import require_positive_float, require_positive_int
 from lm_moe.layers.expert_dispatch import run_choices
-from lm_moe.layers.expert_parallel import ExpertShard, keep_shard
 from lm_moe.layers.feed_forward_layer import FeedForwardLayer
 from lm_moe.layers.ffn import ExpertWeights
 from lm_moe.layers.inputs import check_layer_input
@@ -47,6 +46,8 @@ class ReMoE(FeedForwardLayer):
     A training loop calls `before_optimizer_step()` once per optimizer step (the Lightning modules
     do): it adapts the coefficient to the step's sparsity.
     """
+
+    supports_expert_parallelism = True
 
     def __init__(
         self,
@@ -73,18 +74,12 @@ class ReMoE(FeedForwardLayer):
         self.target_active = target_active
         self.target_sparsity = 1 - target_active / num_experts
         self.experts = ExpertWeights(num_experts, dim, hidden_dim, activation, dropout=expert_dropout)
-        self.expert_shard: ExpertShard | None = None  # under expert parallelism, this rank's share
         self.router = nn.Parameter(torch.randn(num_experts, dim) * require_positive_float("router_init_std",
                                                                                           router_init_std))  # [E, D]
         self.register_buffer("l1_coefficient", torch.tensor(require_positive_float("l1_init", l1_init)))
         # The gates on per expert and the tokens [E + 1] of this optimizer step so far, summed over
         # ranks; a plain attribute, not a buffer: DDP would overwrite every rank's counts with rank 0's.
         self._step_counts: torch.Tensor | None = None
-
-    def shard_experts(self, shard: ExpertShard) -> None:
-        """Keep this rank's E / shard.size experts; their rows travel by all-to-all (expert_parallel)."""
-        keep_shard(self.experts, shard)
-        self.expert_shard = shard
 
     def parameter_macs_per_token(self) -> float:
         """The router (D*E) and, on average, target_active experts (the sparsity the penalty holds)."""
@@ -122,11 +117,7 @@ class ReMoE(FeedForwardLayer):
         return y.view(B, T, D), aux
 
     def before_optimizer_step(self) -> None:
-        """Adapt the penalty's coefficient to the step's sparsity (the same on every rank). Under
-        expert parallelism, first the shard's gradients are averaged as data parallelism averages
-        the others'."""
-        if self.expert_shard is not None:
-            self.expert_shard.average_gradients(self.experts)
+        """Adapt the penalty's coefficient to the step's sparsity (the same on every rank)."""
         counts, self._step_counts = self._step_counts, None
         if counts is None or counts[-1] == 0:
             return

@@ -22,6 +22,7 @@ from torch import nn
 
 from lm_moe.argument_checks import require_positive_float, require_positive_int
 from lm_moe.layers.feed_forward_layer import FeedForwardLayer
+from lm_moe.layers.expert_parallel import run_sharded_batched
 from lm_moe.layers.ffn import ExpertWeights
 from lm_moe.layers.numerics import coefficient_of_variation, masked_mean, routing_dtype, softmax_entropy
 
@@ -102,6 +103,8 @@ class SlotRoutedLayer(FeedForwardLayer):
     exp(-2 |scale|), which underflows past |scale| of about 40 (a run at 64 turned NaN).
     """
 
+    supports_expert_parallelism = True
+
     no_weight_decay = ("slot_embeddings",)  # normalised before use (see adamw_param_groups)
 
     def __init__(self, experts: ExpertWeights, slots_per_expert: int, logit_scale_init: float | None = None):
@@ -137,7 +140,11 @@ class SlotRoutedLayer(FeedForwardLayer):
     def run_experts(self, slot_in: torch.Tensor) -> torch.Tensor:
         """Slot-major inputs [S, ..., D] -> the slots' expert outputs [S, ..., D], slot s through
         expert s // P: the P slots of an expert are consecutive, so all experts run in one batched
-        matmul."""
+        matmul (under expert parallelism, on the ranks that hold them)."""
         D = slot_in.shape[-1]
-        expert_out = self.experts.forward_batched(slot_in.reshape(self.num_experts, -1, D))  # [E, P*N, D]
+        expert_in = slot_in.reshape(self.num_experts, -1, D)  # [E, P*N, D]
+        if self.expert_shard is None:
+            expert_out = self.experts.forward_batched(expert_in)  # [E, P*N, D]
+        else:
+            expert_out = run_sharded_batched(self.experts, self.expert_shard, expert_in)  # [E, P*N, D]
         return expert_out.view(slot_in.shape)  # [S, ..., D]

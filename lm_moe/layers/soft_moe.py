@@ -47,17 +47,13 @@ class SoftMoE(SlotRoutedLayer):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
         check_layer_input(x, mask, self.experts.dim)
-        B, T, D = x.shape
-        E, P = self.num_experts, self.slots_per_expert
         logits = self.router_logits(x)  # [B, T, S]
         dispatch_logits, dispatch = softmax_dispatch(logits, mask, dim=1)  # [B, T, S], over the sequence
         combine = combine_weights(logits, mask)  # [B, T, S]
 
         dtype = compute_dtype(x)
         slot_in = torch.bmm(dispatch.to(dtype).transpose(1, 2), x.to(dtype))  # [B, S, D]
-        expert_in = slot_in.view(B, E, P, D).transpose(0, 1).reshape(E, B * P, D)  # [E, B*P, D]
-        expert_out = self.experts.forward_batched(expert_in)  # [E, B*P, D]
-        slot_out = expert_out.view(E, B, P, D).transpose(0, 1).reshape(B, E * P, D)  # [B, S, D]
+        slot_out = self.run_experts(slot_in.transpose(0, 1)).transpose(0, 1)  # [B, S, D]
         y = torch.bmm(combine.to(slot_out.dtype), slot_out)  # [B, T, D]
         aux = LayerAux.empty(x)
         aux.stats = deferred_stats(self._stats, logits, dispatch_logits, dispatch, combine, mask)

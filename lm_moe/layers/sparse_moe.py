@@ -12,7 +12,6 @@ from lm_moe.argument_checks import (
     require_positive_int,
 )
 from lm_moe.layers.expert_dispatch import run_choices
-from lm_moe.layers.expert_parallel import ExpertShard, keep_shard
 from lm_moe.layers.feed_forward_layer import FeedForwardLayer
 from lm_moe.layers.ffn import ExpertWeights
 from lm_moe.layers.inputs import check_layer_input
@@ -99,6 +98,8 @@ class TopKMoE(FeedForwardLayer):
     modules do): it updates the loss-free bias and starts the next step's counts.
     """
 
+    supports_expert_parallelism = True
+
     def __init__(
         self,
         dim: int,
@@ -154,7 +155,6 @@ class TopKMoE(FeedForwardLayer):
         require_choice("capacity_group", capacity_group, CAPACITY_GROUPS)
         self.capacity_group = capacity_group
         self.experts = ExpertWeights(num_experts, dim, hidden_dim, activation, dropout=expert_dropout)
-        self.expert_shard: ExpertShard | None = None  # under expert parallelism, this rank's share
         if route_scale is None:
             route_scale = top_k if renormalize else 1.0
         self.router = TopKRouter(dim, num_experts, top_k, renormalize, jitter_noise,
@@ -185,11 +185,6 @@ class TopKMoE(FeedForwardLayer):
     def per_example_deterministic(self) -> bool:
         """False where the batch shares one capacity: a row's drops depend on the rows before it."""
         return self.capacity_factor is None or self.capacity_group == "sequence"
-
-    def shard_experts(self, shard: ExpertShard) -> None:
-        """Keep this rank's E / shard.size experts; their rows travel by all-to-all (expert_parallel)."""
-        keep_shard(self.experts, shard)
-        self.expert_shard = shard
 
     @torch.no_grad()
     def upcycle_from_dense(self, dense, noise: float = 0.0) -> None:
@@ -279,10 +274,7 @@ class TopKMoE(FeedForwardLayer):
 
     def before_optimizer_step(self) -> None:
         """The loss-free bias update from the step's counts (the same on every rank: the counts
-        are summed over ranks); then the next step counts from zero. Under expert parallelism,
-        first the shard's gradients are averaged as data parallelism averages the others'."""
-        if self.expert_shard is not None:
-            self.expert_shard.average_gradients(self.experts)
+        are summed over ranks); then the next step counts from zero."""
         counts, self._step_counts = self._step_counts, None
         if self.expert_bias is not None and counts is not None:
             with torch.no_grad():

@@ -18,8 +18,11 @@ class MoEModule(pl.LightningModule):
         report_trainable(self)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Once per optimizer step, after all its micro-batches: the layers' per-step updates."""
+        """Once per optimizer step, after all its micro-batches (and before clipping): sharded
+        experts' gradients averaged over their replicas, then the layers' per-step updates."""
         for layer in feed_forward_layers(self.model):
+            if layer.expert_shard is not None:
+                layer.expert_shard.average_gradients(layer.experts)
             layer.before_optimizer_step()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -1,5 +1,6 @@
 """Expert parallelism on 2 gloo processes: each rank holds half of the experts, and the layer's
-outputs and gradients equal the single-process layer's on the concatenated input (float64)."""
+outputs and gradients equal the single-process layer's on the concatenated input (float64), for
+the sparse layers (uneven all-to-all) and the slot layers (Soft MoE and the causal V1-V3)."""
 
 import pytest
 import torch
@@ -17,6 +18,10 @@ CASES = {
                                                   "shared_hidden_dim": 8, "shared_gate": True}),
     "top1": (layers.TopKMoE, {"top_k": 1}),
     "remoe": (layers.ReMoE, {"target_active": 2}),
+    "soft_moe": (layers.SoftMoE, {"slots_per_expert": 2}),
+    "cumulative": (layers.CumulativeSoftMoE, {"slots_per_expert": 2}),
+    "lagged_chunk": (layers.LaggedChunkSoftMoE, {"slots_per_expert": 2, "chunk_size": 4, "shared_hidden_dim": 6}),
+    "mixture_of_tokens": (layers.MixtureOfTokens, {"slots_per_expert": 2, "group_size": 2}),
 }
 
 
@@ -84,7 +89,11 @@ def test_a_shard_size_that_does_not_divide_the_experts_is_refused():
         keep_shard(layer.experts, ExpertShard(None, 0, 4))
 
 
-def test_a_layer_without_expert_parallelism_refuses_to_be_sharded():
-    layer = layers.SoftMoE(dim=DIM, hidden_dim=HIDDEN, num_experts=EXPERTS)
-    with pytest.raises(ValueError, match="SoftMoE does not support expert parallelism"):
+@pytest.mark.parametrize("layer", [
+    layers.SegmentMergedMoE(dim=DIM, hidden_dim=HIDDEN, num_experts=EXPERTS, segment_size=4),
+    layers.ExpertChoiceMoE(dim=DIM, hidden_dim=HIDDEN, num_experts=EXPERTS),
+    layers.DenseFFN(dim=DIM, hidden_dim=HIDDEN),
+], ids=lambda layer: type(layer).__name__)
+def test_a_layer_without_expert_parallelism_refuses_to_be_sharded(layer):
+    with pytest.raises(ValueError, match=f"{type(layer).__name__} does not support expert parallelism"):
         layer.shard_experts(ExpertShard(None, 0, 2))

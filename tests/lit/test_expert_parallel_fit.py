@@ -70,3 +70,14 @@ def test_the_checkpoint_loads_and_resumes_in_one_process(ep_and_ddp_runs):
     resumed = read_checkpoint(work / "resumed/top2/version_0/checkpoints/last.ckpt")
     assert resumed["global_step"] == 5
     assert {float(state["step"]) for state in resumed["optimizer_states"][0]["state"].values()} == {5.0}
+
+
+def test_the_soft_moe_vit_trains_with_expert_parallelism(tmp_path):
+    from .vit_runs import tiny_args as vit_tiny_args
+
+    run_cli(tmp_path, "fit", "-c", str(REPO / "configs/vit/soft_moe.yaml"), *vit_tiny_args(tmp_path / "cache", steps=2),
+            "-c", str(REPO / "configs/trainer/cpu_ep.yaml"), "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+            "--trainer.callbacks+=tests.lit.tiny_runs.ExpertCounts", f"--trainer.default_root_dir={tmp_path}")
+    assert json.loads((tmp_path / "experts_rank1.json").read_text()) == [16]  # 32 experts, in the second of 2 blocks
+    checkpoint = tmp_path / "runs/vit_soft_moe/version_0/checkpoints/last.ckpt"
+    assert load_trained_module(checkpoint).model.blocks[1].mlp.experts.num_experts == 32
