@@ -2,12 +2,15 @@
 
     python scripts/bench_scaling.py                          # configs/lm/top2.yaml
     python scripts/bench_scaling.py -c configs/lm/dense.yaml --steps 40 --rounds 3
+    python scripts/bench_scaling.py -c configs/lm/top2.yaml --expert-parallel --rounds 3
 
 Runs `python -m lm_moe fit` in subprocesses (the launch a user makes) and reads the training
 tokens/s each run logged to TensorBoard (median over the steps after `--warmup`):
 - precision: 32-true against bf16-mixed, one process using every core;
 - data parallel: 2 DDP processes with one thread each (configs/trainer/cpu_ddp.yaml; the global
-  batch is 2 x data.batch_size) against one process with 2 threads on the same global batch.
+  batch is 2 x data.batch_size) against one process with 2 threads on the same global batch;
+- expert parallel: the same 2 processes holding half of the experts each (configs/trainer/cpu_ep.yaml)
+  against DDP (configs that have MoE layers of TopKMoE, ReMoE or the slot layers).
 """
 
 import argparse
@@ -30,7 +33,8 @@ from lm_moe.profiling.models import refused_configs
 from lm_moe.profiling.training_curves import median_scalar
 
 REPO = Path(__file__).resolve().parents[1]
-TARGETS = {"bf16-mixed / 32-true": 1.1, "2-process DDP / 1 process": 0.9}
+TARGETS = {"bf16-mixed / 32-true": 1.1, "2-process DDP / 1 process": 0.9, "expert parallel / DDP": 0.8}
+DDP_RUN, EP_RUN = "2-process DDP, 1 thread each", "2-process expert parallel, 1 thread each"
 
 
 def tokens_per_sec(config: Path, trainer: Path, extra: list[str], steps: int, warmup: int, work: Path, threads: int | None) -> float:
@@ -58,6 +62,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the median (default: 5)")
     parser.add_argument("--rounds", type=int, default=2, help="runs of every setting, in turns (default: 2)")
     parser.add_argument("--batch", type=int, default=16, help="per-process batch of the DDP runs (default: 16)")
+    parser.add_argument("--expert-parallel", action="store_true",
+                        help="also train with the experts split over the 2 processes (configs/trainer/cpu_ep.yaml)")
     add_json_option(parser)
     args = parser.parse_args()
     require_free_output(parser, "--json", args.json, args.overwrite, folder=False)
@@ -77,8 +83,10 @@ def main() -> None:
         "bf16-mixed": (quick, ["--trainer.precision=bf16-mixed"], None),
         # As many threads as the two DDP processes have together, whatever the machine's core count.
         "1 process, 2 threads": (quick, [f"--data.batch_size={2 * args.batch}"], 2),
-        "2-process DDP, 1 thread each": (ddp, [f"--data.batch_size={args.batch}"], 1),
+        DDP_RUN: (ddp, [f"--data.batch_size={args.batch}"], 1),
     }
+    if args.expert_parallel:
+        runs[EP_RUN] = (REPO / "configs/trainer/cpu_ep.yaml", [f"--data.batch_size={args.batch}"], 1)
     rates = {name: [] for name in runs}
     with tempfile.TemporaryDirectory() as directory:
         for round_index in range(args.rounds):
@@ -88,8 +96,10 @@ def main() -> None:
     median = {name: statistics.median(values) for name, values in rates.items()}
     ratios = {
         "bf16-mixed / 32-true": median["bf16-mixed"] / median["32-true"],
-        "2-process DDP / 1 process": median["2-process DDP, 1 thread each"] / median["1 process, 2 threads"],
+        "2-process DDP / 1 process": median[DDP_RUN] / median["1 process, 2 threads"],
     }
+    if args.expert_parallel:
+        ratios["expert parallel / DDP"] = median[EP_RUN] / median[DDP_RUN]
     table = Table(title=f"{args.config.name}: training tokens/s (median of {args.rounds} rounds)", box=box.MARKDOWN)
     for column in ("run", "tokens/s"):
         table.add_column(column)

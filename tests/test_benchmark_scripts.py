@@ -69,15 +69,19 @@ def test_bench_vit_compares_soft_moe_with_dense(tmp_path):
 
 
 @pytest.mark.slow  # four `fit` runs, one a 2-process DDP, each starting Python anew: minutes on 2 cores
-def test_bench_scaling_compares_precisions_and_ddp_through_the_cli(tmp_path):
+def test_bench_scaling_compares_precisions_ddp_and_expert_parallel_through_the_cli(tmp_path):
     out = tmp_path / "scaling.json"
-    args = ["-c", "configs/lm/dense.yaml", "--steps=3", "--warmup=1", "--rounds=1", "--batch=2", f"--json={out}"]
+    args = ["-c", "configs/lm/top2.yaml", "--expert-parallel", "--steps=3", "--warmup=1", "--rounds=1", "--batch=2",
+            f"--json={out}"]
     printed = run_script("bench_scaling.py", *args, cache_dir=tmp_path)
     summary = json.loads(out.read_text())
-    assert set(summary["median"]) == {"32-true", "bf16-mixed", "1 process, 2 threads", "2-process DDP, 1 thread each"}
+    assert set(summary["median"]) == {"32-true", "bf16-mixed", "1 process, 2 threads", "2-process DDP, 1 thread each",
+                                      "2-process expert parallel, 1 thread each"}
     ddp = summary["median"]["2-process DDP, 1 thread each"] / summary["median"]["1 process, 2 threads"]
     assert summary["ratios"]["2-process DDP / 1 process"] == ddp
-    assert "bf16-mixed / 32-true" in printed
+    ep = summary["median"]["2-process expert parallel, 1 thread each"] / summary["median"]["2-process DDP, 1 thread each"]
+    assert summary["ratios"]["expert parallel / DDP"] == ep > 0
+    assert "bf16-mixed / 32-true" in printed and "expert parallel / DDP" in printed
 
 
 @pytest.mark.parametrize("script, args, message", [
