@@ -15,10 +15,7 @@ tokens/s each run logged to TensorBoard (median over the steps after `--warmup`)
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -30,28 +27,11 @@ from lm_moe.cli import configs_not_of_task
 from lm_moe.command_line import ArgumentParser
 from lm_moe.output_files import add_json_option, require_free_output, write_text_atomically
 from lm_moe.profiling.models import refused_configs
-from lm_moe.profiling.training_curves import median_scalar
+from lm_moe.profiling.fit_runs import fit_tokens_per_sec
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"bf16-mixed / 32-true": 1.1, "2-process DDP / 1 process": 0.9, "expert parallel / DDP": 0.8}
 DDP_RUN, EP_RUN = "2-process DDP, 1 thread each", "2-process expert parallel, 1 thread each"
-
-
-def tokens_per_sec(config: Path, trainer: Path, extra: list[str], steps: int, warmup: int, work: Path, threads: int | None) -> float:
-    """Median logged training tokens/s of one `fit` run after `warmup` steps."""
-    run_name = f"run{len(list(work.glob('run*')))}"
-    args = [sys.executable, "-m", "lm_moe", "fit", "-c", str(config), "-c", str(trainer), *extra,
-            f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0",
-            "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=true",
-            f"--trainer.logger.init_args.save_dir={work}", f"--trainer.logger.init_args.name={run_name}",
-            f"--trainer.default_root_dir={work}"]
-    env = dict(os.environ)
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
-    result = subprocess.run(args, cwd=work, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"fit failed:\n{result.stderr[-3000:]}")
-    return median_scalar(work / run_name, "perf/train_tokens_per_sec", from_step=warmup)
 
 
 def main() -> None:
@@ -91,7 +71,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         for round_index in range(args.rounds):
             for name, (trainer, extra, threads) in runs.items():
-                rates[name].append(tokens_per_sec(args.config, trainer, extra, args.steps, args.warmup, Path(directory), threads))
+                rates[name].append(fit_tokens_per_sec(args.config, trainer, extra, args.steps, args.warmup, Path(directory),
+                                                      threads))
             print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()), flush=True)
     median = {name: statistics.median(values) for name, values in rates.items()}
     ratios = {

@@ -68,7 +68,7 @@ def test_bench_vit_compares_soft_moe_with_dense(tmp_path):
     assert "soft_moe / dense" in printed
 
 
-@pytest.mark.slow  # four `fit` runs, one a 2-process DDP, each starting Python anew: minutes on 2 cores
+@pytest.mark.slow  # five `fit` runs, two of them 2-process (DDP, expert parallel), each starting Python anew: minutes
 def test_bench_scaling_compares_precisions_ddp_and_expert_parallel_through_the_cli(tmp_path):
     out = tmp_path / "scaling.json"
     args = ["-c", "configs/lm/top2.yaml", "--expert-parallel", "--steps=3", "--warmup=1", "--rounds=1", "--batch=2",
@@ -84,10 +84,25 @@ def test_bench_scaling_compares_precisions_ddp_and_expert_parallel_through_the_c
     assert "bf16-mixed / 32-true" in printed and "expert parallel / DDP" in printed
 
 
+def test_gpu_check_logic_runs_on_the_cpu(tmp_path):
+    out = tmp_path / "check"
+    args = ["--out", str(out), "--accelerator", "cpu", "--steps", "3", "--warmup", "1", "--tiny", "-c", "configs/lm/dense.yaml",
+            "-c", "configs/lm/top2.yaml", "--batch", "2", "--seq", "16", "--repeats", "2"]
+    printed = run_script("gpu_check.py", *args, cache_dir=tmp_path)
+    results = json.loads((out / "gpu_check.json").read_text())
+    assert results["device"] == "cpu"
+    assert set(results["bf16_tokens_per_s"]) == set(results["layer_ms_bf16"]) == {"dense", "top2"}
+    assert all(value > 0 for value in [*results["bf16_tokens_per_s"].values(), *results["layer_ms_bf16"].values()])
+    assert results["fp16"]["top2_tokens_per_s"] > 0 and 0 < results["fp16"]["top2_final_train_loss"] < 10
+    assert "| top2" in printed and "16-mixed top2" in printed
+
+
 @pytest.mark.parametrize("script, args, message", [
     ("bench_layers.py", ["--batch=0"], "--batch must be positive, got 0"),
     ("bench_decode.py", ["-c", "configs/vit/dense.yaml"], "decoding is for language-model configs"),
     ("bench_scaling.py", ["-c", "configs/lm/nope.yaml"], "no language-model config at configs/lm/nope.yaml"),
+    ("gpu_check.py", ["--steps", "5", "--warmup", "5"], "--warmup must be in [0, --steps), got 5 with --steps 5"),
+    ("gpu_check.py", [], "no GPU here (torch.cuda.is_available() is False): give --accelerator cpu"),
     ("bench_scaling.py", ["--batch=0"], "--rounds and --batch must be >= 1, got 2 and 0"),
     ("bench_train.py", ["--rounds=0"], "--rounds must be >= 1, got 0"),
     ("bench_train.py", ["-c", "configs/vit/dense.yaml"], "configs of task lm that exist; not: configs/vit/dense.yaml"),
