@@ -84,6 +84,7 @@ def test_bench_scaling_compares_precisions_ddp_and_expert_parallel_through_the_c
     assert "bf16-mixed / 32-true" in printed and "expert parallel / DDP" in printed
 
 
+@pytest.mark.slow  # three `fit` runs and the layer timings: about a minute
 def test_gpu_check_logic_runs_on_the_cpu(tmp_path):
     out = tmp_path / "check"
     args = ["--out", str(out), "--accelerator", "cpu", "--steps", "3", "--warmup", "1", "--tiny", "-c", "configs/lm/dense.yaml",
