@@ -48,12 +48,7 @@ class ImageClassifier(MoEModule):
         **vit_kwargs,
     ):
         """`vit_kwargs` are ViT's arguments (patch_size, dim, depth, ffn, moe_blocks, ...); the CLI shows them.
-        Fine-tuning (lm_moe.lit.fine_tuning, docs/fine_tuning.md): `init_from`, a checkpoint file or
-        export folder whose weights a new `fit` starts from (fresh optimizer, schedule and steps);
-        `freeze`, parts that do not train (experts, router, shared_experts, dense_ffn, attention,
-        embeddings, norms, head, non_moe); `lr_scale`, a learning-rate multiplier per part;
-        `upcycle_from`, a dense model's checkpoint whose MLPs every expert starts as a copy of
-        (lm_moe.lit.upcycling), with relative noise `upcycle_noise`."""
+        `init_from`, `upcycle_from`, `upcycle_noise`, `freeze`, `lr_scale`: see `MoEModule`."""
         super().__init__()
         check_adamw_settings(learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio)
         require_fraction("label_smoothing", label_smoothing)

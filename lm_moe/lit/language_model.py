@@ -61,12 +61,7 @@ class LanguageModel(MoEModule):
     ):
         """`gpt_kwargs` are GPT's arguments (n_layer, dim, ffn, moe_blocks, ...); the CLI shows them.
         `compile=True` runs the training forward through torch.compile.
-        Fine-tuning (lm_moe.lit.fine_tuning, docs/fine_tuning.md): `init_from`, a checkpoint file or
-        export folder whose weights a new `fit` starts from (fresh optimizer, schedule and steps);
-        `freeze`, parts that do not train (experts, router, shared_experts, dense_ffn, attention,
-        embeddings, norms, head, non_moe); `lr_scale`, a learning-rate multiplier per part;
-        `upcycle_from`, a dense model's checkpoint whose MLPs every expert starts as a copy of
-        (lm_moe.lit.upcycling), with relative noise `upcycle_noise`."""
+        `init_from`, `upcycle_from`, `upcycle_noise`, `freeze`, `lr_scale`: see `MoEModule`."""
         super().__init__()
         check_adamw_settings(learning_rate, weight_decay, betas, warmup_steps, min_lr_ratio)
         self.save_hyperparameters()

@@ -12,7 +12,15 @@ from lm_moe.lit.optim import configure_adamw
 
 
 class MoEModule(pl.LightningModule):
-    """A LightningModule whose network is `self.model`, built by the subclass."""
+    """A LightningModule whose network is `self.model`, built by the subclass.
+
+    The fine-tuning settings both subclasses take (lm_moe.lit.fine_tuning, docs/fine_tuning.md):
+    `init_from`, a checkpoint file or export folder whose weights a new `fit` starts from (fresh
+    optimizer, schedule and steps); `upcycle_from`, a dense model's checkpoint whose MLPs every
+    expert starts as a copy of (lm_moe.lit.upcycling), with relative noise `upcycle_noise`;
+    `freeze`, parts that do not train (experts, router, shared_experts, dense_ffn, attention,
+    embeddings, norms, head, non_moe); `lr_scale`, a learning-rate multiplier per part.
+    """
 
     def on_fit_start(self) -> None:
         report_trainable(self)
