@@ -133,3 +133,8 @@ def test_a_vit_fine_tuned_on_other_classes_keeps_its_body_and_starts_a_new_head(
     for name, tensor in start.weights.items():
         if not name.startswith("head."):
             assert torch.equal(tensor, trained[f"model.{name}"]), name
+
+    # An image classifier's weights are refused by a language model, before any data work.
+    with pytest.raises(ValueError, match=r"an image classifier.*language model|language model.*image classifier"):
+        fit(DENSE, tmp_path / "lm_cache", f"--model.init_from={source}")
+    assert not (tmp_path / "lm_cache").exists()
