@@ -4,8 +4,9 @@ On `world = dp x ep` processes, ranks [g*ep, (g+1)*ep) form expert-parallel grou
 ranks holds E / ep experts of every MoE layer, and the tokens' rows travel to them by all-to-all
 (lm_moe.layers.expert_parallel). Every parameter outside the experts is data-parallel over all
 ranks (DDP, which is told to leave the expert shards alone: no find_unused_parameters); the ranks
-i, i + ep, i + 2 ep, ... hold the same shard, and the shard's gradients are averaged over them by
-the layer before the optimizer steps. Gradient clipping takes the norm of the whole model.
+i, i + ep, i + 2 ep, ... hold the same shard, and the training module (MoEModule) averages the
+shard's gradients over them before the optimizer steps. Gradient clipping takes the norm of the
+whole model.
 
 Checkpoints hold one full state dict, the experts gathered (model weights and the optimizer's
 moments), so they load at any `ep`, in one process too, and a run resumes at another `ep`.
@@ -24,7 +25,7 @@ from lm_moe.layers.ffn import DenseFFN
 
 def sharded_layers(module: torch.nn.Module) -> list:
     """The FFN layers of `module` whose experts are sharded."""
-    return [layer for layer in feed_forward_layers(module) if getattr(layer, "expert_shard", None) is not None]
+    return [layer for layer in feed_forward_layers(module) if layer.expert_shard is not None]
 
 
 def sharded_parameters(module: torch.nn.Module) -> dict[int, ExpertShard]:
@@ -35,8 +36,8 @@ def sharded_parameters(module: torch.nn.Module) -> dict[int, ExpertShard]:
 class ExpertParallelStrategy(DDPStrategy):
     """DDP over all ranks, with the MoE layers' experts split over groups of `expert_parallel_size`
     ranks (it must divide the number of processes and every layer's number of experts). The layers
-    that support it: TopKMoE and ReMoE; a model with another MoE layer is refused. Other arguments
-    are DDPStrategy's."""
+    that support it: TopKMoE, ReMoE, SoftMoE and the causal variants V1-V3; a model with another MoE
+    layer is refused. Other arguments are DDPStrategy's."""
 
     def __init__(self, expert_parallel_size: int = 2, **kwargs):
         super().__init__(**kwargs)

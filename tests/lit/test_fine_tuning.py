@@ -58,6 +58,7 @@ def test_lr_scale_groups_the_scaled_parts_at_their_rate():
     (["--model.lr_scale={experts: 2}"], ValueError, "lr_scale: this model has no experts parameters"),
     (["--model.lr_scale={attention: -1}"], ValueError, "lr_scale: attention: the scale must be a positive number, got -1"),
     (["--model.init_from=nowhere.ckpt"], FileNotFoundError, "nowhere.ckpt"),
+    (["--model.upcycle_noise=-0.5"], ValueError, "upcycle_noise must be a number >= 0, got -0.5"),
 ])
 def test_bad_fine_tuning_settings_are_refused_before_any_data_work(flags, error, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
