@@ -19,7 +19,7 @@ from lm_moe.profiling.seed_statistics import (
     spread,
 )
 from lm_moe.profiling.tables import Column, markdown_table, write_csv, write_json
-from lm_moe.profiling.training_curves import curve, learning_rate, median_scalar, tokens_per_step, versions
+from lm_moe.profiling.training_curves import curve, final_value, learning_rate, median_scalar, tokens_per_step, versions
 
 
 def _count(value: float) -> str:
@@ -76,8 +76,7 @@ def run_row(run: Run, outcome: TrainingOutcome, evaluation: dict | None) -> dict
            "learning_rate": run.learning_rate}
     if not outcome.trained:
         return {**row, "status": "FAILED", "reason": outcome.reason, "output_tail": outcome.output_tail}
-    losses = curve(run.run_dir)
-    final_loss = losses[-1].value if losses and losses[-1].step == run.steps else None  # None: not validated at the end
+    final_loss = final_value(run.run_dir, run.steps)
     row.update(
         status="ok",
         steps=run.steps,

@@ -84,6 +84,13 @@ def curve(run_dir: Path, tag: str = "val/loss") -> list[CurvePoint]:
     return [points[step] for step in sorted(points)]
 
 
+def final_value(run_dir: Path, steps: int, tag: str = "val/loss") -> float | None:
+    """The run's value of `tag` at step `steps` if that is the last it logged (None: it did not
+    validate at the end)."""
+    points = curve(run_dir, tag)
+    return points[-1].value if points and points[-1].step == steps else None
+
+
 def median_scalar(run_dir: Path, tag: str, from_step: int = 0) -> float | None:
     """The median of the values of `tag` the run logged (over all its versions) at logged steps
     >= `from_step` (to leave warm-up steps out), None if none."""

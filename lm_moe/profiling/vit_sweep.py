@@ -16,7 +16,7 @@ from lm_moe.profiling.charts import Panel, draw
 from lm_moe.profiling.comparison import Run, TrainingOutcome
 from lm_moe.profiling.seed_statistics import median, paired_gap, spread
 from lm_moe.profiling.tables import Column, markdown_table, write_csv, write_json
-from lm_moe.profiling.training_curves import curve, median_scalar, versions
+from lm_moe.profiling.training_curves import final_value, median_scalar, versions
 
 EXPERTS_SWEEP, SLOTS_SWEEP = "experts at fixed slots", "slots per expert at fixed experts"
 DENSE = "dense"
@@ -72,11 +72,10 @@ def run_row(setting: Setting, run: Run, outcome: TrainingOutcome, batch_size: in
     row = {"setting": setting.name, "seed": run.seed}
     if not outcome.trained:
         return {**row, "status": "FAILED", "reason": outcome.reason}
-    losses, accuracies = curve(run.run_dir), curve(run.run_dir, "val/acc_top1")
     images_per_s = median_scalar(run.run_dir, "perf/train_images_per_sec")
     return {**row, "status": "ok", "fit_runs": len(versions(run.run_dir)),
-            "val_loss": losses[-1].value if losses and losses[-1].step == run.steps else None,
-            "val_acc": accuracies[-1].value if accuracies and accuracies[-1].step == run.steps else None,
+            "val_loss": final_value(run.run_dir, run.steps),
+            "val_acc": final_value(run.run_dir, run.steps, "val/acc_top1"),
             "ms_per_step": None if not images_per_s else 1e3 * batch_size / images_per_s}
 
 
