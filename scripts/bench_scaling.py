@@ -23,10 +23,9 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from lm_moe.cli import configs_not_of_task
 from lm_moe.command_line import ArgumentParser
 from lm_moe.output_files import add_json_option, require_free_output, write_text_atomically
-from lm_moe.profiling.models import refused_configs
+from lm_moe.profiling.models import require_language_model_config
 from lm_moe.profiling.fit_runs import fit_tokens_per_sec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,11 +50,7 @@ def main() -> None:
         parser.error(f"--warmup must be in [0, --steps), got {args.warmup} with --steps {args.steps}")
     if args.rounds < 1 or args.batch < 1:
         parser.error(f"--rounds and --batch must be >= 1, got {args.rounds} and {args.batch}")
-    if configs_not_of_task([args.config], "lm"):
-        parser.error(f"no language-model config at {args.config}")
-    refused = refused_configs([args.config])
-    if refused:
-        parser.error(refused[0])
+    require_language_model_config(parser, args.config)
     args.config = args.config.resolve()  # the fits run in a scratch folder
     quick, ddp = REPO / "configs/trainer/cpu_quick.yaml", REPO / "configs/trainer/cpu_ddp.yaml"
     runs = {

@@ -84,6 +84,20 @@ def test_bench_scaling_compares_precisions_ddp_and_expert_parallel_through_the_c
     assert "bf16-mixed / 32-true" in printed and "expert parallel / DDP" in printed
 
 
+def test_bench_expert_parallel_times_the_all_to_all_of_each_rank(tmp_path):
+    out = tmp_path / "ep.json"
+    printed = run_script("bench_expert_parallel.py", "-c", "configs/lm/top2.yaml", "--steps=3", "--warmup=1", "--batch=2",
+                         f"--json={out}", cache_dir=tmp_path)
+    ranks = json.loads(out.read_text())["ranks"]
+    assert [rank["experts_held"] for rank in ranks] == [[4, 4, 4, 4]] * 2  # half of 8 experts, every block
+    for rank in ranks:
+        # The profiler found the exchanges: the count exchange and the rows' four trips in 4 layers take time.
+        assert 0 < rank["all_to_all_ms"] < rank["step_ms"]
+        assert rank["all_to_all_share"] == rank["all_to_all_ms"] / rank["step_ms"]
+        assert rank["tokens_per_step"] == 2 * 128
+    assert "all-to-all share" in printed
+
+
 @pytest.mark.slow  # three `fit` runs and the layer timings: about a minute
 def test_gpu_check_logic_runs_on_the_cpu(tmp_path):
     out = tmp_path / "check"
@@ -104,6 +118,8 @@ def test_gpu_check_logic_runs_on_the_cpu(tmp_path):
     ("bench_scaling.py", ["-c", "configs/lm/nope.yaml"], "no language-model config at configs/lm/nope.yaml"),
     ("gpu_check.py", ["--steps", "5", "--warmup", "5"], "--warmup must be in [0, --steps), got 5 with --steps 5"),
     ("gpu_check.py", [], "no GPU here (torch.cuda.is_available() is False): give --accelerator cpu"),
+    ("bench_expert_parallel.py", ["-c", "configs/lm/dense.yaml"], "no MoE layer that supports expert parallelism"),
+    ("bench_expert_parallel.py", ["--steps=2", "--warmup=2"], "--warmup must be in [0, --steps), got 2 with --steps 2"),
     ("bench_scaling.py", ["--batch=0"], "--rounds and --batch must be >= 1, got 2 and 0"),
     ("bench_train.py", ["--rounds=0"], "--rounds must be >= 1, got 0"),
     ("bench_train.py", ["-c", "configs/vit/dense.yaml"], "configs of task lm that exist; not: configs/vit/dense.yaml"),

@@ -33,6 +33,17 @@ def sharded_parameters(module: torch.nn.Module) -> dict[int, ExpertShard]:
     return {id(parameter): layer.expert_shard for layer in sharded_layers(module) for parameter in layer.experts.parameters()}
 
 
+def shard_moe_layers(module: torch.nn.Module, shard: ExpertShard) -> None:
+    """Keep `shard`'s experts of every MoE layer of `module` (a ValueError from a layer that does
+    not support it) and tell DistributedDataParallel to leave them out of its all-reduce."""
+    for layer in feed_forward_layers(module):
+        if not isinstance(layer, DenseFFN):
+            layer.shard_experts(shard)
+    sharded = sharded_parameters(module)
+    names = [name for name, parameter in module.named_parameters() if id(parameter) in sharded]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
+
+
 class ExpertParallelStrategy(DDPStrategy):
     """DDP over all ranks, with the MoE layers' experts split over groups of `expert_parallel_size`
     ranks (it must divide the number of processes and every layer's number of experts). The layers
@@ -59,13 +70,7 @@ class ExpertParallelStrategy(DDPStrategy):
         shard = ExpertShard.of_group(expert_groups[self.global_rank // ep],
                                      replica_groups[self.global_rank % ep] if replica_groups else None,
                                      gradient_divisor=world)
-        module = self.lightning_module
-        for layer in feed_forward_layers(module):
-            if not isinstance(layer, DenseFFN):
-                layer.shard_experts(shard)
-        sharded = sharded_parameters(module)
-        names = [name for name, parameter in module.named_parameters() if id(parameter) in sharded]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
+        shard_moe_layers(self.lightning_module, shard)
 
     def lightning_module_state_dict(self) -> dict:
         """The full state dict: every rank takes part in gathering the expert shards."""
