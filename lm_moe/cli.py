@@ -21,7 +21,7 @@ import yaml
 from pytorch_lightning.callbacks import LearningRateMonitor, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lm_moe.argument_checks import require_non_negative_float
@@ -40,9 +40,10 @@ from lm_moe.lit.checkpoints import (
 )
 from lm_moe.lit.fine_tuning import load_initial_weights
 from lm_moe.lit.interruption import CheckpointOnInterrupt
-from lm_moe.lit.upcycling import upcycle_from_dense
 from lm_moe.lit.progress_bar import StepProgressBar
+from lm_moe.lit.run_versions import claim_next_version
 from lm_moe.lit.safe_loading import ESCAPE_FLAG, ESCAPE_HELP, use_safe_loading
+from lm_moe.lit.upcycling import upcycle_from_dense
 
 RUNS_DIR = "runs"
 ESCAPE_DEST = ESCAPE_FLAG.removeprefix("--")
@@ -144,9 +145,13 @@ class LmMoeCLI(LightningCLI):
         """Lightning's, less the run folder of a run refused before its first batch (a corpus
         that does not split, say): the logger creates it before the data is set up."""
         logger = self.trainer.logger
-        log_dir = Path(logger.log_dir) if isinstance(logger, TensorBoardLogger) else None
-        # <save_dir>/<name>/<version>: those this run is about to make
-        new_folders = [] if log_dir is None else [folder for folder in (log_dir, *log_dir.parents[:2]) if not folder.exists()]
+        new_folders = []  # of <save_dir>/<name>/<version>, those this run makes, innermost first
+        if isinstance(logger, TensorBoardLogger):
+            run_root = Path(logger.root_dir)
+            made_above = [folder for folder in (run_root, run_root.parent) if not folder.exists()]
+            claimed = rank_zero_only.rank == 0 and claim_next_version(logger)  # other ranks write into rank 0's
+            log_dir = Path(logger.log_dir)
+            new_folders = ([log_dir] if claimed or not log_dir.exists() else []) + made_above
         try:
             super()._run_subcommand(subcommand)
         except BaseException:
