@@ -16,6 +16,7 @@ Tokens/s against DDP come from `python scripts/bench_scaling.py --expert-paralle
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -39,6 +40,7 @@ from lm_moe.profiling.models import build_from_config, require_language_model_co
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # no "USDT: ... profiler_start" line at every profiled step
 # The profiler's name for the gloo work of an all-to-all: each MoE layer's count exchange and its
 # rows' trips out and back, forward and backward, 5 per layer and step. The work runs on gloo's
 # thread while the training thread waits for it, so their sum is the time the step spends in them.
