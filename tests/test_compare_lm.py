@@ -118,6 +118,19 @@ def test_a_sweep_folder_refuses_other_settings(tmp_path):
         require_same_settings(tmp_path, SweepSettings("trainer.yaml", 200, 10))
 
 
+def test_the_same_trainer_preset_in_another_checkout_resumes_the_sweep(tmp_path):
+    checkouts = [tmp_path / "checkout_a", tmp_path / "checkout_b"]
+    for checkout in checkouts:
+        (checkout / "configs").mkdir(parents=True)
+        (checkout / "configs" / "cpu_quick.yaml").write_text("trainer:\n  max_steps: 300\n")
+    sweep = tmp_path / "sweep"
+    require_same_settings(sweep, SweepSettings(str(checkouts[0] / "configs/cpu_quick.yaml"), 100, 10))
+    require_same_settings(sweep, SweepSettings(str(checkouts[1] / "configs/cpu_quick.yaml"), 100, 10))
+    (checkouts[1] / "configs" / "cpu_quick.yaml").write_text("trainer:\n  max_steps: 600\n")  # now another preset
+    with pytest.raises(ValueError, match="trainer: .*checkout_a.* there, .*checkout_b.* now"):
+        require_same_settings(sweep, SweepSettings(str(checkouts[1] / "configs/cpu_quick.yaml"), 100, 10))
+
+
 def test_a_runs_seed_and_own_learning_rate_come_after_the_overrides(tmp_path):
     settings = SweepSettings("trainer.yaml", 20, 5, ("--model.learning_rate=0.001", "--seed_everything=7"))
     top2 = fit_command(Run("top2", REPO / "configs/lm/top2.yaml", tmp_path / "top2", 1235, 20, 0.0014), settings)

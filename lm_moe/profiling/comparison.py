@@ -75,10 +75,18 @@ def require_same_settings(out: Path, settings: SweepSettings) -> None:
         return
     recorded = json.loads(path.read_text())
     differences = [f"{key}: {recorded.get(key)!r} there, {value!r} now"
-                   for key, value in wanted.items() if recorded.get(key) != value]
+                   for key, value in wanted.items()
+                   if recorded.get(key) != value and not (key == "trainer" and _same_preset(recorded[key], value))]
     if differences:
         raise ValueError(f"{out} holds a sweep with other settings ({'; '.join(differences)}): "
                          "give another --out, or the same settings to resume it")
+
+
+def _same_preset(recorded: str, wanted: str) -> bool:
+    """Whether two trainer presets at different paths hold the same text: the same preset in
+    another checkout of the repository (or a moved one) resumes the sweep."""
+    recorded_path, wanted_path = Path(recorded), Path(wanted)
+    return recorded_path.is_file() and wanted_path.is_file() and recorded_path.read_text() == wanted_path.read_text()
 
 
 def batches_per_step(config: Path, settings: SweepSettings) -> int:
