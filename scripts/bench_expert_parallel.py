@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lm_moe.command_line import ArgumentParser
 from lm_moe.layers.expert_parallel import ExpertShard
-from lm_moe.layers.feed_forward_layer import feed_forward_layers
+from lm_moe.layers.feed_forward_layer import end_of_step, feed_forward_layers
 from lm_moe.lit.expert_parallel_strategy import shard_moe_layers, sharded_layers
 from lm_moe.output_files import add_json_option, require_free_output, write_text_atomically
 from lm_moe.profiling.models import build_from_config, require_language_model_config
@@ -51,9 +51,7 @@ def _train_step(model: DistributedDataParallel, optimizer: torch.optim.Optimizer
     output = model(tokens[:, :-1])
     loss = F.cross_entropy(output.logits.flatten(0, 1), tokens[:, 1:].flatten()) + output.aux_loss
     loss.backward()
-    for layer in sharded_layers(model.module):
-        layer.expert_shard.average_gradients(layer.experts)
-        layer.before_optimizer_step()
+    end_of_step(model.module)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

@@ -146,6 +146,17 @@ def feed_forward_layers(module: nn.Module) -> list[FeedForwardLayer]:
     return [layer for layer in module.modules() if isinstance(layer, FeedForwardLayer)]
 
 
+def end_of_step(module: nn.Module) -> None:
+    """What a training loop does once per optimizer step, after the backward passes of all its
+    micro-batches and before the optimizer steps: for every FFN layer in `module`, its sharded
+    experts' gradients averaged over their replicas (expert parallelism), then the layer's own
+    per-step updates (`before_optimizer_step`)."""
+    for layer in feed_forward_layers(module):
+        if layer.expert_shard is not None:
+            layer.expert_shard.average_gradients(layer.experts)
+        layer.before_optimizer_step()
+
+
 def build_feed_forward_layer(factory: Callable[[int], FeedForwardLayer], dim: int, setting: str) -> FeedForwardLayer:
     """`factory(dim)`, refused with ValueError unless it is a `FeedForwardLayer`: the models know a
     layer only through that contract. `setting` names the factory in the message."""

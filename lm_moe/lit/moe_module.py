@@ -4,7 +4,7 @@ its schedule, and gradient clipping that also holds under expert parallelism."""
 
 import pytorch_lightning as pl
 
-from lm_moe.layers.feed_forward_layer import feed_forward_layers
+from lm_moe.layers.feed_forward_layer import end_of_step
 from lm_moe.lit.checkpoints import require_matching_state
 from lm_moe.lit.expert_parallel_strategy import clip_gradient_norm, sharded_layers
 from lm_moe.lit.fine_tuning import report_trainable
@@ -28,10 +28,7 @@ class MoEModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         """Once per optimizer step, after all its micro-batches (and before clipping): sharded
         experts' gradients averaged over their replicas, then the layers' per-step updates."""
-        for layer in feed_forward_layers(self.model):
-            if layer.expert_shard is not None:
-                layer.expert_shard.average_gradients(layer.experts)
-            layer.before_optimizer_step()
+        end_of_step(self.model)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Before Lightning loads the weights: a clear error instead of a wall of missing keys.

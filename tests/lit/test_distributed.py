@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lm_moe import cli
-from lm_moe.layers.feed_forward_layer import feed_forward_layers
+from lm_moe.layers.feed_forward_layer import end_of_step
 from lm_moe.lit.checkpoints import read_checkpoint
 from lm_moe.lit.safe_loading import foreign_callables
 
@@ -118,15 +118,9 @@ def _ddp_backward(rank: int, world_size: int, config: str, state: dict, ids: tor
     # backward pass, whose hooks it owns.
     ddp = DistributedDataParallel(_LossOf(model))
     ddp(shard).backward()
-    _end_step(model)
+    end_of_step(model)  # the loss-free bias, ReMoE's L1 coefficient
     if rank == 0:
         torch.save({**{name: p.grad for name, p in model.named_parameters()}, **_per_step_buffers(model)}, out_file)
-
-
-def _end_step(model) -> None:
-    """What the training loop does once per optimizer step (the loss-free bias, ReMoE's L1 coefficient)."""
-    for layer in feed_forward_layers(model):
-        layer.before_optimizer_step()
 
 
 def _per_step_buffers(model) -> dict:
@@ -166,7 +160,7 @@ def test_ddp_gradient_equals_the_single_process_gradient_of_the_global_batch(con
     ddp_grads = torch.load(out_file)
 
     _loss(model, ids).backward()
-    _end_step(model)
+    end_of_step(model)  # the loss-free bias, ReMoE's L1 coefficient
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(ddp_grads[name], parameter.grad, rtol=1e-9, atol=1e-12, msg=name)
     moved = _per_step_buffers(model)
