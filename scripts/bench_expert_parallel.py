@@ -36,7 +36,8 @@ from lm_moe.layers.expert_parallel import ExpertShard
 from lm_moe.layers.feed_forward_layer import end_of_step, feed_forward_layers
 from lm_moe.lit.expert_parallel_strategy import shard_moe_layers, sharded_layers
 from lm_moe.output_files import add_json_option, require_free_output, write_text_atomically
-from lm_moe.profiling.models import build_from_config, require_language_model_config
+from lm_moe.profiling.models import build_from_config
+from lm_moe.profiling.script_options import require_language_model_config, require_warmup_below_steps
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -99,8 +100,7 @@ def main() -> None:
     add_json_option(parser)
     args = parser.parse_args()
     require_free_output(parser, "--json", args.json, args.overwrite, folder=False)
-    if not 0 <= args.warmup < args.steps:
-        parser.error(f"--warmup must be in [0, --steps), got {args.warmup} with --steps {args.steps}")
+    require_warmup_below_steps(parser, args.steps, args.warmup)
     if args.batch < 1:
         parser.error(f"--batch must be >= 1, got {args.batch}")
     require_language_model_config(parser, args.config)

@@ -25,8 +25,8 @@ from rich.table import Table
 
 from lm_moe.command_line import ArgumentParser
 from lm_moe.output_files import add_json_option, require_free_output, write_text_atomically
-from lm_moe.profiling.models import require_language_model_config
 from lm_moe.profiling.fit_runs import fit_tokens_per_sec
+from lm_moe.profiling.script_options import require_language_model_config, require_warmup_below_steps
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"bf16-mixed / 32-true": 1.1, "2-process DDP / 1 process": 0.9, "expert parallel / DDP": 0.8}
@@ -46,8 +46,7 @@ def main() -> None:
     add_json_option(parser)
     args = parser.parse_args()
     require_free_output(parser, "--json", args.json, args.overwrite, folder=False)
-    if not 0 <= args.warmup < args.steps:
-        parser.error(f"--warmup must be in [0, --steps), got {args.warmup} with --steps {args.steps}")
+    require_warmup_below_steps(parser, args.steps, args.warmup)
     if args.rounds < 1 or args.batch < 1:
         parser.error(f"--rounds and --batch must be >= 1, got {args.rounds} and {args.batch}")
     require_language_model_config(parser, args.config)

@@ -30,6 +30,7 @@ from lm_moe.command_line import ArgumentParser
 from lm_moe.cpu_allocator import tune_cpu_allocator
 from lm_moe.output_files import add_json_option, require_free_output, write_text_atomically
 from lm_moe.profiling.models import refused_configs
+from lm_moe.profiling.script_options import require_warmup_below_steps
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,8 +129,7 @@ def parse_timing_options(parser: argparse.ArgumentParser, trainer: Path, task: s
     add_json_option(parser)
     args = parser.parse_args()
     require_free_output(parser, "--json", args.json, args.overwrite, folder=False)
-    if not 0 <= args.warmup < args.steps:
-        parser.error(f"--warmup must be in [0, --steps), got {args.warmup} with --steps {args.steps}")
+    require_warmup_below_steps(parser, args.steps, args.warmup)
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
     if not args.trainer.is_file():

@@ -62,7 +62,7 @@ from lm_moe.profiling.comparison import (
 )
 from lm_moe.profiling.comparison_report import run_row, write_report
 from lm_moe.profiling.learning_rate_grid import write_grid_report
-from lm_moe.profiling.sweep_options import parse_seeds, resolve_steps
+from lm_moe.profiling.script_options import parse_seeds, resolve_steps
 
 REPO = Path(__file__).resolve().parents[1]
 PROG = "compare_lm.py"

@@ -29,6 +29,7 @@ from lm_moe.command_line import ArgumentParser
 from lm_moe.output_files import require_free_output, write_text_atomically
 from lm_moe.profiling.fit_runs import fit_tokens_per_sec
 from lm_moe.profiling.models import build_from_config
+from lm_moe.profiling.script_options import require_warmup_below_steps
 from lm_moe.profiling.training_curves import curve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("results/gpu_check"))
     args = parser.parse_args(argv)
     require_free_output(parser, "--out", args.out, overwrite=False, folder=True)
-    if not 0 <= args.warmup < args.steps:
-        parser.error(f"--warmup must be in [0, --steps), got {args.warmup} with --steps {args.steps}")
+    require_warmup_below_steps(parser, args.steps, args.warmup)
     for name in ("batch", "seq", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")

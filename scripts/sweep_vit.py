@@ -31,7 +31,7 @@ from lm_moe.cli import configs_not_of_task
 from lm_moe.command_line import ArgumentParser, exit_with_error
 from lm_moe.profiling.comparison import Run, SweepSettings, require_same_settings, train
 from lm_moe.profiling.models import build_from_config, resolved_config
-from lm_moe.profiling.sweep_options import parse_seeds, resolve_steps
+from lm_moe.profiling.script_options import parse_seeds, resolve_steps
 from lm_moe.profiling.vit_sweep import sweep_settings, run_row, write_sweep_report
 
 REPO = Path(__file__).resolve().parents[1]

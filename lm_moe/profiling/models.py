@@ -79,18 +79,6 @@ def refused_configs(configs, overrides: list[str] = ()) -> list[str]:
     return problems
 
 
-def require_language_model_config(parser, config: Path) -> None:
-    """A script's check of its `-c` config before any work: argparse's error (exit 2) unless it
-    is a language-model config the CLI accepts."""
-    from lm_moe.cli import configs_not_of_task
-
-    if configs_not_of_task([config], "lm"):
-        parser.error(f"no language-model config at {config}")
-    refused = refused_configs([config])
-    if refused:
-        parser.error(refused[0])
-
-
 def load_checkpoint(path: str | Path, allow_unsafe_pickle: bool = False) -> nn.Module:
     """The trained network (language model or image classifier) of an lm_moe checkpoint or export
     folder, in eval mode."""

@@ -1,9 +1,13 @@
-"""Command-line options the sweep scripts (compare_lm.py, sweep_vit.py) share: the step budget and
-validation interval, and the seeds."""
+"""Command-line checks the scripts share, each before any work: the step budget and validation
+interval and the seeds of the sweeps (compare_lm.py, sweep_vit.py), the warm-up steps of the
+timing benchmarks, a language-model config."""
 
 import argparse
+from pathlib import Path
 
 import yaml
+
+from lm_moe.profiling.models import refused_configs
 
 
 def resolve_steps(parser: argparse.ArgumentParser, args: argparse.Namespace, validations: int) -> None:
@@ -30,3 +34,20 @@ def parse_seeds(parser: argparse.ArgumentParser, text: str) -> list[int]:
     if len(set(seeds)) != len(seeds):
         parser.error(f"--seeds {text} names a seed twice")
     return seeds
+
+
+def require_warmup_below_steps(parser: argparse.ArgumentParser, steps: int, warmup: int) -> None:
+    """The parser's error unless some timed steps are left after the `warmup` ones."""
+    if not 0 <= warmup < steps:
+        parser.error(f"--warmup must be in [0, --steps), got {warmup} with --steps {steps}")
+
+
+def require_language_model_config(parser: argparse.ArgumentParser, config: Path) -> None:
+    """The parser's error unless `config` is a language-model config the CLI accepts."""
+    from lm_moe.cli import configs_not_of_task  # the CLI pulls in Lightning's trainer machinery: only when needed
+
+    if configs_not_of_task([config], "lm"):
+        parser.error(f"no language-model config at {config}")
+    refused = refused_configs([config])
+    if refused:
+        parser.error(refused[0])
