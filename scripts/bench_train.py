@@ -51,12 +51,14 @@ class StepTimer(pl.Callback):
         self.end = time.perf_counter()
 
 
-def build(config: Path, trainer_config: Path, steps: int, log_dir: str) -> cli.LanguageModelCLI:
-    """Model, data and trainer of `config`, as `python -m lm_moe fit` would build them."""
+def build(config: Path, trainer_config: Path, steps: int, log_dir: str, overrides: tuple[str, ...] = ()) -> cli.LanguageModelCLI:
+    """Model, data and trainer of `config` (with `overrides`, CLI flags), as `python -m lm_moe fit`
+    would build them."""
     return cli.main(
         [
             "-c", str(config),
             "-c", str(trainer_config),
+            *overrides,
             f"--trainer.max_steps={steps}",
             "--trainer.limit_val_batches=0",
             "--trainer.num_sanity_val_steps=0",

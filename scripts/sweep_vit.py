@@ -32,7 +32,8 @@ from lm_moe.command_line import ArgumentParser, exit_with_error
 from lm_moe.profiling.comparison import Run, SweepSettings, require_same_settings, train
 from lm_moe.profiling.models import build_from_config, resolved_config
 from lm_moe.profiling.script_options import parse_seeds, resolve_steps
-from lm_moe.profiling.vit_sweep import sweep_settings, run_row, write_sweep_report
+from lm_moe.profiling.vit_sweep import (EXPERTS, FIXED_EXPERTS, SLOTS_PER_EXPERT, TOTAL_SLOTS, run_row, sweep_settings,
+                                        write_sweep_report)
 
 REPO = Path(__file__).resolve().parents[1]
 PROG = "sweep_vit.py"
@@ -52,10 +53,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--max-steps", type=int, default=None, help="training steps of every run (default: the preset's)")
     parser.add_argument("--val-every", type=int, default=None, help="validation interval (default: max steps / 3)")
     parser.add_argument("--seeds", default="1234,1235,1236", help="seeds of every setting (default: 1234,1235,1236)")
-    parser.add_argument("--experts", type=int, nargs="*", default=[4, 8, 16, 32], help="the experts sweep (4 8 16 32)")
-    parser.add_argument("--total-slots", type=int, default=32, help="the experts sweep's slots per layer (32)")
-    parser.add_argument("--slots-per-expert", type=int, nargs="*", default=[1, 2, 4], help="the slots sweep (1 2 4)")
-    parser.add_argument("--fixed-experts", type=int, default=32, help="the slots sweep's experts (32)")
+    parser.add_argument("--experts", type=int, nargs="*", default=EXPERTS, help="the experts sweep (4 8 16 32)")
+    parser.add_argument("--total-slots", type=int, default=TOTAL_SLOTS, help="the experts sweep's slots per layer (32)")
+    parser.add_argument("--slots-per-expert", type=int, nargs="*", default=SLOTS_PER_EXPERT, help="the slots sweep (1 2 4)")
+    parser.add_argument("--fixed-experts", type=int, default=FIXED_EXPERTS, help="the slots sweep's experts (32)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of every run (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=Path("results/vit_sweep"))
     args, overrides = parser.parse_known_args(argv)

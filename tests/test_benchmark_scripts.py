@@ -84,6 +84,20 @@ def test_bench_scaling_compares_precisions_ddp_and_expert_parallel_through_the_c
     assert "bf16-mixed / 32-true" in printed and "expert parallel / DDP" in printed
 
 
+@pytest.mark.slow  # seven ViTs built and trained for two steps: about 30 s
+def test_bench_vit_times_the_soft_moe_sweep_settings_beside_dense(tmp_path):
+    out = tmp_path / "sweep_timing.json"
+    printed = run_script("bench_vit.py", "--soft-moe-sweep", "--steps=2", "--warmup=1", "--rounds=1", f"--json={out}",
+                         cache_dir=tmp_path)
+    summary = json.loads(out.read_text())
+    settings = ["E4_P8", "E8_P4", "E16_P2", "E32_P1", "E32_P2", "E32_P4"]  # experts at 32 slots, then P at 32 experts
+    assert list(summary["median"]) == ["dense", *settings]
+    assert list(summary["ratios"]) == [f"{name} / dense" for name in settings]
+    assert all(summary["ratios"][f"{name} / dense"] == summary["median"][name] / summary["median"]["dense"]
+               for name in settings)
+    assert "E32_P4 / dense" in printed
+
+
 def test_bench_expert_parallel_times_the_all_to_all_of_each_rank(tmp_path):
     out = tmp_path / "ep.json"
     printed = run_script("bench_expert_parallel.py", "-c", "configs/lm/top2.yaml", "--steps=3", "--warmup=1", "--batch=2",
@@ -123,6 +137,7 @@ def test_gpu_check_logic_runs_on_the_cpu(tmp_path):
     ("bench_scaling.py", ["--batch=0"], "--rounds and --batch must be >= 1, got 2 and 0"),
     ("bench_train.py", ["--rounds=0"], "--rounds must be >= 1, got 0"),
     ("bench_train.py", ["-c", "configs/vit/dense.yaml"], "configs of task lm that exist; not: configs/vit/dense.yaml"),
+    ("bench_vit.py", ["--soft-moe-sweep", "-c", "configs/vit/dense.yaml"], "--soft-moe-sweep times the sweep's settings"),
     ("bench_vit.py", ["-c", "configs/lm/dense.yaml"], "configs of task vit that exist; not: configs/lm/dense.yaml"),
     ("compare_lm.py", ["--trainer=configs/trainer/nope.yaml"], "no trainer preset at configs/trainer/nope.yaml"),
     ("compare_lm.py", ["--out=README.md"], "--out README.md is a file, not a folder"),

@@ -20,6 +20,8 @@ from lm_moe.profiling.training_curves import final_value, median_scalar, version
 
 EXPERTS_SWEEP, SLOTS_SWEEP = "experts at fixed slots", "slots per expert at fixed experts"
 DENSE = "dense"
+# The default sweeps: experts at a fixed total of slots, and slots per expert at fixed experts.
+EXPERTS, TOTAL_SLOTS, SLOTS_PER_EXPERT, FIXED_EXPERTS = [4, 8, 16, 32], 32, [1, 2, 4], 32
 
 
 @dataclass(frozen=True)
