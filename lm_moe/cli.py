@@ -142,8 +142,9 @@ class LmMoeCLI(LightningCLI):
         return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
-        """Lightning's, less the run folder of a run refused before its first batch (a corpus
-        that does not split, say): the logger creates it before the data is set up."""
+        """Lightning's, with the run's version folder taken first (lm_moe.lit.run_versions: two
+        runs started together get two folders), and less the run folder of a run refused before
+        its first batch (a corpus that does not split, say)."""
         logger = self.trainer.logger
         new_folders = []  # of <save_dir>/<name>/<version>, those this run makes, innermost first
         if isinstance(logger, TensorBoardLogger):
