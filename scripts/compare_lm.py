@@ -23,7 +23,8 @@ seeds agree and the mean gap exceeds its spread, else a tie.
 
 --lr-grid first trains a variant at each rate for --grid-steps steps at the first seed (in
 <out>/lr_grid/<variant>/lr_<rate>/) and picks its best by validation loss; its final runs train at
-that rate. A variant given --learning-rate skips the grid. The sweep goes variant by variant (grid,
+that rate; a best rate at either end of three or more is marked in lr_grid.md and printed (a rate
+beyond the grid may do better). A variant given --learning-rate skips the grid. The sweep goes variant by variant (grid,
 then seeds) and rewrites its report after each, so a long sweep's finished variants can be read
 while the next trains.
 
@@ -61,7 +62,7 @@ from lm_moe.profiling.comparison import (
     train,
 )
 from lm_moe.profiling.comparison_report import run_row, write_report
-from lm_moe.profiling.learning_rate_grid import write_grid_report
+from lm_moe.profiling.learning_rate_grid import edge_note, write_grid_report
 from lm_moe.profiling.script_options import parse_seeds, resolve_steps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
             if grids.get(name):
                 grid_rows += [run_row(run, stages.train(run, f"grid {name} at {run.learning_rate:g}"), None)
                               for run in grids[name]]
-                rate = write_grid_report(args.out, args.grid_steps, grid_seed, grid_rows)[name]
+                chosen, edges = write_grid_report(args.out, args.grid_steps, grid_seed, grid_rows)
+                rate = chosen[name]
+                if name in edges:
+                    progress.console.print(edge_note({name: edges[name]}))
                 if rate is None:
                     untrainable = "no rate of the learning-rate grid trained (lr_grid.md has the errors)"
             for seed in args.seeds:
