@@ -21,30 +21,34 @@ GRID_COLUMNS = [
 ]
 
 
-def best_rates(rows: list[dict]) -> dict[str, float | None]:
-    """Each variant's rate of lowest final validation loss among its grid runs that trained
-    (None: none did)."""
-    best: dict[str, float | None] = {}
-    losses: dict[str, float] = {}
-    for row in rows:
-        best.setdefault(row["variant"], None)
-        loss = row.get("val_loss")
-        if row["status"] == "ok" and loss is not None and loss < losses.get(row["variant"], float("inf")):
-            best[row["variant"]], losses[row["variant"]] = row["learning_rate"], loss
-    return best
-
-
-def rates_at_edge(rows: list[dict], chosen: dict[str, float | None]) -> dict[str, str]:
-    """Variant -> "lowest" or "highest": its chosen rate is that end of the three or more rates it
-    trained at, so a rate beyond the grid may do better (two rates have no inside)."""
-    trained: dict[str, list[float]] = {}
+def trained_points(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """Each variant's (rate, final validation loss) of the grid runs that trained, in row order."""
+    points: dict[str, list[tuple[float, float]]] = {}
     for row in rows:
         if row["status"] == "ok" and row.get("val_loss") is not None:
-            trained.setdefault(row["variant"], []).append(row["learning_rate"])
+            points.setdefault(row["variant"], []).append((row["learning_rate"], row["val_loss"]))
+    return points
+
+
+def best_rates(rows: list[dict], points: dict[str, list[tuple[float, float]]]) -> dict[str, float | None]:
+    """Each variant of `rows` -> its rate of lowest final validation loss among its `trained_points`
+    (None: no grid run of it trained)."""
+    return {row["variant"]: min(points[row["variant"]], key=lambda point: point[1])[0]
+            if row["variant"] in points else None for row in rows}
+
+
+def rates_at_edge(points: dict[str, list[tuple[float, float]]], chosen: dict[str, float | None]) -> dict[str, str]:
+    """Variant -> "lowest" or "highest": its chosen rate is that end of the three or more rates it
+    trained at (its `trained_points`), so a rate beyond the grid may do better (two rates have no inside)."""
     edges = {}
-    for variant, rates in trained.items():
-        if len(rates) >= 3 and chosen.get(variant) in (min(rates), max(rates)):
-            edges[variant] = "lowest" if chosen[variant] == min(rates) else "highest"
+    for variant, trained in points.items():
+        rates = [rate for rate, _ in trained]
+        if len(rates) < 3:
+            continue
+        if chosen[variant] == min(rates):
+            edges[variant] = "lowest"
+        elif chosen[variant] == max(rates):
+            edges[variant] = "highest"
     return edges
 
 
@@ -57,8 +61,9 @@ def edge_note(edges: dict[str, str]) -> str:
 def write_grid_report(out: Path, steps: int, seed: int, rows: list[dict]) -> tuple[dict[str, float | None], dict[str, str]]:
     """Mark each variant's best rate in `rows` and write the grid's files; returns the best rates
     and the `rates_at_edge`."""
-    chosen = best_rates(rows)
-    edges = rates_at_edge(rows, chosen)
+    points = trained_points(rows)
+    chosen = best_rates(rows, points)
+    edges = rates_at_edge(points, chosen)
     for row in rows:
         row["chosen"] = row["status"] == "ok" and chosen[row["variant"]] == row["learning_rate"]
         row["at_edge"] = edges.get(row["variant"], "") if row["chosen"] else ""
@@ -71,10 +76,6 @@ def write_grid_report(out: Path, steps: int, seed: int, rows: list[dict]) -> tup
         write_csv(staging / "lr_grid.csv", rows, GRID_COLUMNS)
         write_json(staging / "lr_grid.json", {"steps": steps, "seed": seed, "chosen": chosen, "at_edge": edges,
                                                "runs": rows})
-        series: dict[str, list] = {}
-        for row in rows:
-            if row["status"] == "ok" and row.get("val_loss") is not None:
-                series.setdefault(row["variant"], []).append((row["learning_rate"], row["val_loss"]))
-        draw([Panel("validation loss after the grid's steps", "learning rate", "loss (nats/token)", series, log_x=True)],
+        draw([Panel("validation loss after the grid's steps", "learning rate", "loss (nats/token)", points, log_x=True)],
              staging / "lr_grid.png", title)
     return chosen, edges
