@@ -28,7 +28,8 @@ class FeedForwardLayer(nn.Module):
     structure_lengths: the lengths of the blocks of time the layer works in.
     batch_multiple: what the batch size must be a multiple of.
     parameter_macs_per_token: the layer's cost, as the profiler counts it.
-    before_optimizer_step: what the layer does once per optimizer step (loss-free balancing).
+    before_optimizer_step: what the layer does once per optimizer step (loss-free balancing);
+        before_optimizer_step_of_model: the same for all of a model's layers of one class together.
     parameter_parts: which part (experts, router, ...) each parameter is, for freezing and per-part
         learning rates (`lm_moe.lit.fine_tuning`).
     upcycle_from_dense: start the layer's experts from a trained dense MLP (`lm_moe.lit.upcycling`).
@@ -140,6 +141,15 @@ class FeedForwardLayer(nn.Module):
         state that follows the whole step rather than one forward (loss-free balancing's expert
         bias). Nothing by default."""
 
+    @classmethod
+    def before_optimizer_step_of_model(cls, layers: list["FeedForwardLayer"]) -> None:
+        """The per-step updates of all the layers of this class in one model, in model order
+        (`end_of_step` calls it once per class): each layer's own `before_optimizer_step` by
+        default. A class overrides it for state its layers steer together (ReMoE's model-wide
+        L1 coefficient)."""
+        for layer in layers:
+            layer.before_optimizer_step()
+
 
 def feed_forward_layers(module: nn.Module) -> list[FeedForwardLayer]:
     """The FFN layers in `module`, itself included."""
@@ -150,11 +160,13 @@ def end_of_step(module: nn.Module) -> None:
     """What a training loop does once per optimizer step, after the backward passes of all its
     micro-batches and before the optimizer steps: for every FFN layer in `module`, its sharded
     experts' gradients averaged over their replicas (expert parallelism), then the layer's own
-    per-step updates (`before_optimizer_step`)."""
-    for layer in feed_forward_layers(module):
+    per-step updates (`before_optimizer_step_of_model`, once per class of layer)."""
+    layers = feed_forward_layers(module)
+    for layer in layers:
         if layer.expert_shard is not None:
             layer.expert_shard.average_gradients(layer.experts)
-        layer.before_optimizer_step()
+    for kind in dict.fromkeys(type(layer) for layer in layers):  # each class once, in model order
+        kind.before_optimizer_step_of_model([layer for layer in layers if type(layer) is kind])
 
 
 def build_feed_forward_layer(factory: Callable[[int], FeedForwardLayer], dim: int, setting: str) -> FeedForwardLayer:

@@ -13,15 +13,18 @@ The number of experts a token uses varies (dropless); their choices run through 
 grouped dispatch that TopKMoE uses. `lambda` (a buffer, saved in checkpoints) starts at
 `l1_init` and, once per optimizer step, is multiplied by `l1_adapt` while the step's sparsity
 (the share of zero gates over its micro-batches and ranks) is below the target 1 - k/E, and
-divided by it while above: the gates settle at about k active experts per token. Routing is per
-token, so the layer is causal.
+divided by it while above: the gates settle at about k active experts per token. With
+`l1_scope="model"` (the paper's rule), the sparsity is that of all the model's ReMoE layers
+together and they share one lambda: the mean over layers holds the target, while a layer may settle
+denser or sparser than it. With "layer", each layer steers its own. Routing is per token, so the
+layer is causal.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm_moe.argument_checks import require_positive_float, require_positive_int
+from lm_moe.argument_checks import require_choice, require_positive_float, require_positive_int
 from lm_moe.layers.expert_dispatch import run_choices
 from lm_moe.layers.feed_forward_layer import FeedForwardLayer
 from lm_moe.layers.ffn import ExpertWeights
@@ -37,14 +40,17 @@ class ReMoE(FeedForwardLayer):
     target_active: k, the experts a token should use on average; the target sparsity is 1 - k/E.
     l1_init, l1_adapt: the penalty coefficient's start and its factor per optimizer step (the
         paper's 1e-8 and 1.2).
+    l1_scope: "model" (the paper's): one coefficient for all the model's ReMoE layers, steered by
+        their joint sparsity, so k is the mean over layers; "layer": each layer its own, k in each.
     router_init_std: the router's initial N(0, std), as TopKMoE's.
     expert_dropout: in training, dropout on the experts' hidden activations (see `ExpertWeights`).
     `mask` [B, T] (True = real token): padding uses no expert and outputs 0.
     aux.stats: sparsity (share of zero gates), active_experts (per token), l1_coefficient,
     tokens_per_expert [E] (a count).
 
-    A training loop calls `before_optimizer_step()` once per optimizer step (the Lightning modules
-    do): it adapts the coefficient to the step's sparsity.
+    A training loop calls `lm_moe.layers.feed_forward_layer.end_of_step(model)` once per optimizer
+    step (the Lightning modules do): it adapts the coefficients to the step's sparsity. A layer's
+    own `before_optimizer_step()` adapts it as if it were the model's only ReMoE layer.
     """
 
     supports_expert_parallelism = True
@@ -58,6 +64,7 @@ class ReMoE(FeedForwardLayer):
         activation: str = "gelu",
         l1_init: float = 1e-8,
         l1_adapt: float = 1.2,
+        l1_scope: str = "model",
         router_init_std: float = ROUTER_INIT_STD,
         expert_dropout: float = 0.0,
     ):
@@ -70,6 +77,8 @@ class ReMoE(FeedForwardLayer):
         if require_positive_float("l1_adapt", l1_adapt) <= 1:
             raise ValueError(f"l1_adapt must be a number above 1, got {l1_adapt!r}")
         self.l1_adapt = float(l1_adapt)
+        require_choice("l1_scope", l1_scope, ("model", "layer"))
+        self.l1_scope = l1_scope
         self.num_experts = num_experts
         self.target_active = target_active
         self.target_sparsity = 1 - target_active / num_experts
@@ -82,7 +91,8 @@ class ReMoE(FeedForwardLayer):
         self._step_counts: torch.Tensor | None = None
 
     def parameter_macs_per_token(self) -> float:
-        """The router (D*E) and, on average, target_active experts (the sparsity the penalty holds)."""
+        """The router (D*E) and, on average, target_active experts (the sparsity the penalty holds:
+        in this layer, or with l1_scope="model" on average over the model's ReMoE layers)."""
         return self.router.numel() + self.target_active * self.experts.parameters_per_expert
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerAux]:
@@ -117,13 +127,18 @@ class ReMoE(FeedForwardLayer):
         return y.view(B, T, D), aux
 
     def before_optimizer_step(self) -> None:
-        """Adapt the penalty's coefficient to the step's sparsity (the same on every rank)."""
-        counts, self._step_counts = self._step_counts, None
-        if counts is None or counts[-1] == 0:
-            return
-        sparsity = 1 - counts[:-1].sum() / (self.num_experts * counts[-1])
-        direction = torch.sign(self.target_sparsity - sparsity).item()  # +1: too dense, penalise more
-        self.l1_coefficient.mul_(self.l1_adapt ** direction)
+        """Adapt the penalty's coefficient to this layer's sparsity over the step."""
+        adapt_together([self])
+
+    @classmethod
+    def before_optimizer_step_of_model(cls, layers: list["ReMoE"]) -> None:
+        """The layers with l1_scope="model" adapt together, the others each on its own."""
+        for layer in layers:
+            if layer.l1_scope == "layer":
+                layer.before_optimizer_step()
+        shared = [layer for layer in layers if layer.l1_scope == "model"]
+        if shared:
+            adapt_together(shared)
 
     def _stats(self, on, num_tokens, rows_per_expert) -> dict[str, torch.Tensor]:
         num_tokens = torch.as_tensor(num_tokens).clamp_min(1)
@@ -134,3 +149,24 @@ class ReMoE(FeedForwardLayer):
             "l1_coefficient": self.l1_coefficient.detach().float(),
             "tokens_per_expert": rows_per_expert,  # a count: summed over data-parallel ranks
         }
+
+
+def adapt_together(layers: list[ReMoE]) -> None:
+    """Move every layer's coefficient by the same factor, `l1_adapt` up while the layers' joint
+    sparsity over the step (all their gates over all their tokens) is below the target, down while
+    above. The counts are summed over ranks, so every rank moves the same way."""
+    settings = {(layer.target_sparsity, layer.l1_adapt) for layer in layers}
+    if len(settings) > 1:
+        raise ValueError("ReMoE layers with l1_scope='model' steer one sparsity, so they need the same "
+                         f"target 1 - target_active/num_experts and l1_adapt; got (target, l1_adapt) {sorted(settings)}")
+    counts = [layer._step_counts for layer in layers if layer._step_counts is not None]  # each [E + 1]
+    for layer in layers:
+        layer._step_counts = None
+    gate_slots = sum(layer_counts[-1] * (len(layer_counts) - 1) for layer_counts in counts)  # tokens x E
+    if not counts or gate_slots == 0:
+        return
+    sparsity = 1 - sum(layer_counts[:-1].sum() for layer_counts in counts) / gate_slots
+    target_sparsity, l1_adapt = settings.pop()
+    direction = torch.sign(target_sparsity - sparsity).item()  # +1: too dense, penalise more
+    for layer in layers:
+        layer.l1_coefficient.mul_(l1_adapt ** direction)

@@ -3,6 +3,9 @@ penalty, and its coefficient adapted once per optimizer step toward the target s
 
 import pytest
 import torch
+from torch import nn
+
+from lm_moe.layers.feed_forward_layer import end_of_step
 
 from . import reference
 from .layer_checks import assert_matches_reference
@@ -66,6 +69,44 @@ def test_the_coefficient_moves_once_per_step_toward_the_target_sparsity():
     layer(x)
     layer.before_optimizer_step()  # evaluation counts nothing
     assert layer.l1_coefficient.item() == pytest.approx(expected)
+
+
+def _one_dense_and_one_sparse_layer(scope: str) -> nn.ModuleList:
+    """Two layers (E = 4, target sparsity 1/2) after one training forward: the first with 3 gates of
+    4 on for every token, the second with none, so their joint sparsity is 5/8."""
+    layers = nn.ModuleList([make_remoe(l1_init=1e-3, l1_adapt=2.0, l1_scope=scope) for _ in range(2)]).train()
+    x = torch.rand(2, 6, 8, dtype=torch.float64)  # positive inputs: a gate's sign is its weights'
+    with torch.no_grad():
+        layers[0].router.copy_(torch.tensor([1.0, 1.0, 1.0, -1.0]).unsqueeze(-1).expand(4, 8))
+        layers[1].router.fill_(-1.0)
+    for layer, active in zip(layers, [3.0, 0.0]):
+        assert layer(x)[1].stats["active_experts"].item() == active
+    return layers
+
+
+def test_with_model_scope_the_layers_joint_sparsity_moves_one_shared_coefficient():
+    layers = _one_dense_and_one_sparse_layer("model")
+    end_of_step(layers)
+    assert [layer.l1_coefficient.item() for layer in layers] == pytest.approx([5e-4, 5e-4])  # sparser than 1/2: down
+
+
+def test_with_layer_scope_each_layer_follows_its_own_sparsity():
+    layers = _one_dense_and_one_sparse_layer("layer")
+    end_of_step(layers)
+    assert [layer.l1_coefficient.item() for layer in layers] == pytest.approx([2e-3, 5e-4])
+
+
+def test_model_scope_refuses_layers_with_different_targets():
+    layers = nn.ModuleList([make_remoe(), make_remoe(target_active=1)]).train()
+    for layer in layers:
+        layer(torch.randn(1, 3, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"same target.*0\.5.*0\.75"):
+        end_of_step(layers)
+
+
+def test_an_unknown_scope_is_refused():
+    with pytest.raises(ValueError, match=r"l1_scope must be one of \['layer', 'model'\], got 'block'"):
+        make_remoe(l1_scope="block")
 
 
 def test_training_reaches_the_target_sparsity_on_a_toy():
